@@ -1,0 +1,39 @@
+# segvoc developer commands. Every target that needs the virtual environment creates it first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXP ?= experiment=4a_baseline
+
+.PHONY: install demo train test lint report bench tensorboard clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed  ## create .venv and install segvoc (editable) with test tools
+
+demo: install  ## offline end-to-end: synthetic data -> train 4a baseline -> evaluate -> report
+	$(PY) -m segvoc.demo
+
+train: install  ## make train EXP="experiment=5b_transfer trainer=gpu"
+	$(PY) -m segvoc.train $(EXP)
+
+test: install  ## the whole test suite (CPU, ~5 min on 2 cores)
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check segvoc tests
+
+report: install  ## smoke sweep of the six report presets on synthetic data, then the report
+	$(PY) -m segvoc.report_sweep
+
+bench: install  ## CPU speed benchmark (segvoc.bench)
+	$(PY) -m segvoc.bench
+
+tensorboard: install
+	$(VENV)/bin/tensorboard --logdir outputs --bind_all
+
+clean:
+	rm -rf outputs .pytest_cache .ruff_cache

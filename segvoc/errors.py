@@ -1,0 +1,19 @@
+"""The error types segvoc raises for problems a user can fix (rendered as one line, no traceback)."""
+
+from __future__ import annotations
+
+
+class SegvocError(Exception):
+    """Base class: a user-fixable problem. The message names the file/key and the fix."""
+
+
+class DatasetError(SegvocError):
+    """Bad, missing or inconsistent data on disk (images, masks, split lists)."""
+
+
+class WeightsError(SegvocError):
+    """Pretrained weights or a checkpoint that cannot be found or do not fit the model."""
+
+
+class ConfigError(SegvocError):
+    """A configuration value that cannot work (wrong combination, bad path)."""

@@ -1,0 +1,153 @@
+"""``SegmentationTask``: the one LightningModule that trains, validates and tests every model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import TensorBoardLogger
+from torch import nn
+from torchmetrics import MeanMetric
+
+from segvoc.data.palette import VOC_CLASSES
+from segvoc.data.transforms import Normalize
+from segvoc.losses import CrossEntropy
+from segvoc.metrics import ConfusionMatrix, scores_from_confusion
+from segvoc.models import build_model
+
+EVAL_SPLITS = ("val", "test")
+
+
+class SegmentationTask(pl.LightningModule):
+    """Wraps any segmentation ``nn.Module``: loss, optimiser/scheduler from config, dataset-level metrics.
+
+    Batches hold uint8 images; normalisation runs on the device. After each val/test epoch the scores of
+    the whole split are in ``self.scores[split]`` (see ``segvoc.metrics.scores_from_confusion``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        criterion: nn.Module,
+        optimizer: DictConfig | dict,
+        scheduler: DictConfig | dict | None = None,
+        num_classes: int = 21,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        class_names: Sequence[str] = VOC_CLASSES,
+        log_images: int = 4,
+        cfg: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters({"cfg": cfg} if cfg is not None else {})
+        self.model = model
+        self.criterion = criterion
+        self.optimizer_cfg = optimizer
+        self.scheduler_cfg = scheduler
+        self.num_classes = num_classes
+        self.class_names = list(class_names)
+        self.log_images = log_images
+        self.normalize = Normalize(mean, std)
+        self.confusion = nn.ModuleDict({s: ConfusionMatrix(num_classes) for s in EVAL_SPLITS})
+        self.mean_loss = nn.ModuleDict({s: MeanMetric() for s in EVAL_SPLITS})
+        self.scores: dict[str, dict[str, Any]] = {}
+        self._samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, class_weights: Sequence[float] | None = None,
+                    pretrained: bool = True) -> SegmentationTask:
+        """Build model, loss and task from a composed run config (``conf/train.yaml``)."""
+        num_classes = int(cfg.data.num_classes)
+        criterion = CrossEntropy(num_classes, weight=class_weights)
+        return cls(
+            model=build_model(cfg.model, num_classes, pretrained=pretrained),
+            criterion=criterion,
+            optimizer=cfg.optimizer,
+            scheduler=cfg.scheduler,
+            num_classes=num_classes,
+            mean=list(cfg.data.mean),
+            std=list(cfg.data.std),
+            log_images=int(cfg.get("log_images", 4)),
+            cfg=OmegaConf.to_container(cfg, resolve=True),
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits (N,C,H,W) for uint8 images (N,3,H,W)."""
+        return self.model(self.normalize(images))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits = self(batch["image"])
+        loss = self.criterion(logits, batch["mask"])
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["image"]))
+        return loss
+
+    def _eval_step(self, batch: dict, split: str, batch_idx: int) -> None:
+        logits = self(batch["image"])
+        masks = batch["mask"]
+        self.mean_loss[split].update(self.criterion(logits, masks), weight=len(masks))
+        preds = logits.argmax(1)
+        self.confusion[split].update(preds, masks)
+        if split == "val" and len(self._samples) < self.log_images and not self.trainer.sanity_checking:
+            for k in range(min(len(masks), self.log_images - len(self._samples))):
+                self._samples.append((batch["image"][k].detach(), masks[k].detach(), preds[k].detach()))
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val", batch_idx)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test", batch_idx)
+
+    def _end_epoch(self, split: str) -> None:
+        matrix = self.confusion[split].compute()
+        scores = scores_from_confusion(matrix)
+        scores["loss"] = float(self.mean_loss[split].compute())
+        scores["confusion"] = matrix.cpu().numpy()
+        self.confusion[split].reset()
+        self.mean_loss[split].reset()
+        self.scores[split] = scores
+        for key in ("loss", "miou", "pixel_acc", "mean_class_acc"):
+            self.log(f"{split}/{key}", scores[key], prog_bar=key == "miou")
+        for name, iou in zip(self.class_names, scores["per_class_iou"], strict=False):
+            if iou is not None:
+                self.log(f"{split}_iou/{name}", iou)
+        if split == "val" and not self.trainer.sanity_checking:
+            self._log_pictures(scores["confusion"])
+        self._samples.clear()
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_epoch("test")
+
+    def _log_pictures(self, matrix: np.ndarray) -> None:
+        """Image | truth | prediction grid and the confusion matrix, once per val epoch, rank 0 only."""
+        tb = next((lg for lg in self.loggers if isinstance(lg, TensorBoardLogger)), None)
+        if tb is None or self.global_rank != 0:
+            return
+        from segvoc.visualize import confusion_figure, prediction_grid
+
+        if self._samples:
+            rows = [(img.permute(1, 2, 0).cpu().numpy(), m.cpu().numpy(), p.cpu().numpy().astype(np.uint8))
+                    for img, m, p in self._samples]
+            tb.experiment.add_image("val/predictions", prediction_grid(rows), self.current_epoch, dataformats="HWC")
+        tb.experiment.add_figure("val/confusion_matrix", confusion_figure(matrix, self.class_names),
+                                 self.current_epoch)
+
+    def configure_optimizers(self) -> dict:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = instantiate(self.optimizer_cfg, params=params)
+        sched = self.scheduler_cfg
+        if not sched or not sched.get("scheduler"):
+            return {"optimizer": optimizer}
+        kwargs = {}
+        if "total_iters" in sched["scheduler"] and sched["scheduler"]["total_iters"] is None:
+            kwargs["total_iters"] = int(self.trainer.estimated_stepping_batches)
+        scheduler = instantiate(sched["scheduler"], optimizer=optimizer, **kwargs)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": sched.get("interval", "epoch")}}

@@ -1,0 +1,59 @@
+"""Shared fixtures: the real VOC samples in ../shared, a small synthetic tree, composed configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import DictConfig, open_dict
+
+from segvoc.config import REPO_ROOT, compose
+
+SHARED = REPO_ROOT.parent / "shared"
+VOC_MINI = SHARED / "data" / "voc-mini" / "VOCdevkit" / "VOC2012"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def voc_mini() -> Path:
+    """The four real VOC pairs; skipped in a user's clone without ../shared, a failure under CI=true."""
+    if not VOC_MINI.is_dir():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but the shared VOC samples are missing at {VOC_MINI}")
+        pytest.skip(f"shared VOC samples not found at {VOC_MINI} (clone with ../shared beside the repo)")
+    return VOC_MINI
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic VOC tree (folder holding VOCdevkit), generated once per session."""
+    from segvoc.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("data") / "synthetic"
+    generate(root, num_train=24, num_val=16, height=60, width=80, seed=0)
+    return root
+
+
+def make_cfg(tmp_path: Path, *overrides: str, data_root: Path | None = None) -> DictConfig:
+    """Compose the train config for a test run writing into ``tmp_path``."""
+    ov = [f"paths.output_dir={tmp_path}", f"paths.output_root={tmp_path}/outputs", *overrides]
+    if data_root is not None:
+        ov.append(f"data.root={data_root}")
+    cfg = compose(ov)
+    with open_dict(cfg):
+        cfg.trainer.enable_progress_bar = False
+    return cfg
+
+
+@pytest.fixture()
+def smoke_cfg(tmp_path: Path, synthetic_root: Path):
+    """Factory: a composed smoke config on the session's synthetic tree."""
+
+    def _make(*overrides: str) -> DictConfig:
+        return make_cfg(tmp_path, "data=synthetic", "trainer=smoke", "data.image_size=64", "data.synthetic=null",
+                        *overrides, data_root=synthetic_root)
+
+    return _make

@@ -1,0 +1,193 @@
+"""Loading real VOC pairs, splits, augmentation alignment, and clear errors for bad trees."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import albumentations as A
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from segvoc.config import compose
+from segvoc.data.datamodule import build_datamodule
+from segvoc.data.io import load_image, load_mask
+from segvoc.data.palette import VOC_COLORMAP, colorize, rgb_to_index
+from segvoc.data.transforms import build_pipeline, pad_collate
+from segvoc.data.voc import VOCSegmentation, make_splits, resolve_voc_root
+from segvoc.errors import DatasetError
+
+EXPECTED = {"2007_000032": {0, 1, 15, 255}, "2007_000039": {0, 20, 255}, "2007_000033": {0, 1, 255},
+            "2007_000042": {0, 19, 255}}
+
+
+def test_real_pairs_load_and_decode(voc_mini):
+    ds = VOCSegmentation(voc_mini, sorted(EXPECTED))
+    for k, i in enumerate(ds.ids):
+        image, mask = ds.load(k)
+        assert image.dtype == np.uint8 and image.shape[2] == 3
+        assert mask.shape == image.shape[:2]
+        assert set(np.unique(mask).tolist()) == EXPECTED[i]
+        with Image.open(voc_mini / "JPEGImages" / f"{i}.jpg") as im:
+            assert im.size == (image.shape[1], image.shape[0])
+    item = ds[0]
+    assert item["image"].shape[0] == 3 and item["mask"].shape == item["image"].shape[1:]
+
+
+def test_palette_round_trip(voc_mini):
+    mask = load_mask(voc_mini / "SegmentationClass" / "2007_000032.png")
+    assert np.array_equal(rgb_to_index(colorize(mask)), mask)
+    assert tuple(VOC_COLORMAP[1]) == (128, 0, 0) and tuple(VOC_COLORMAP[255]) == (224, 224, 192)
+
+
+def test_rgb_mask_is_converted_or_rejected(tmp_path, voc_mini):
+    mask = load_mask(voc_mini / "SegmentationClass" / "2007_000032.png")
+    Image.fromarray(colorize(mask)).save(tmp_path / "rgb.png")
+    assert np.array_equal(load_mask(tmp_path / "rgb.png"), mask)
+    bad = colorize(mask)
+    bad[0, 0] = (1, 2, 3)
+    Image.fromarray(bad).save(tmp_path / "bad.png")
+    with pytest.raises(DatasetError, match="outside the VOC palette"):
+        load_mask(tmp_path / "bad.png")
+
+
+def test_root_can_be_any_level(voc_mini):
+    for root in (voc_mini, voc_mini.parent, voc_mini.parent.parent):
+        assert resolve_voc_root(root) == voc_mini
+
+
+def test_splits_are_seeded_halves_of_val(voc_mini):
+    s = make_splits(voc_mini, test_fraction=0.5, split_seed=0)
+    assert s["train"] == ["2007_000032", "2007_000039"]
+    assert sorted(s["val"] + s["test"]) == ["2007_000033", "2007_000042"] and len(s["test"]) == 1
+    assert make_splits(voc_mini, test_fraction=0.5, split_seed=0) == s
+
+
+def test_datamodule_writes_splits_and_pads_eval_batches(voc_mini, tmp_path):
+    cfg = compose([f"paths.output_dir={tmp_path}", "data=voc_mini", f"data.root={voc_mini}", "data.eval_batch_size=2",
+                   "data.test_fraction=0"])
+    dm = build_datamodule(cfg, split_dir=tmp_path / "splits")
+    dm.setup("fit")
+    assert (tmp_path / "splits" / "val.txt").read_text().split() == ["2007_000033", "2007_000042"]
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["image"].shape == (2, 3, 366, 500)  # full resolution, padded to the larger image
+    assert (batch["mask"][1, 335:] == 255).all()  # padding is ignored, never a class
+    train = next(iter(dm.train_dataloader()))
+    assert train["image"].shape[-2:] == (320, 320)
+
+
+def test_augmentation_keeps_alignment_and_invents_no_labels():
+    # each class region is painted in that class's own colour, so alignment can be checked pixel by pixel
+    mask = np.zeros((120, 160), np.uint8)
+    mask[20:70, 30:90] = 7
+    mask[60:110, 100:150] = 15
+    mask[65:68, :] = 255
+    image = np.ascontiguousarray(VOC_COLORMAP[mask])
+    cfg = compose(["paths.output_dir=/tmp", "augment=report", "data.image_size=96"])
+    pipe = build_pipeline(cfg.augment.train)
+    for _ in range(30):
+        out = pipe(image=image, mask=mask)
+        img, m = out["image"], out["mask"]
+        assert img.shape[:2] == m.shape == (96, 96)
+        assert set(np.unique(m).tolist()) <= {0, 7, 15, 255}
+        for c in (7, 15):
+            inside = (m == c)
+            if inside.sum() > 50:  # interior pixels carry exactly the class colour
+                interior = cv2.erode(inside.astype(np.uint8), np.ones((7, 7), np.uint8), borderType=cv2.BORDER_CONSTANT,
+                                     borderValue=0).astype(bool)
+                if interior.sum() > 20:
+                    diff = np.abs(img[interior].astype(int) - VOC_COLORMAP[c]).max(1)
+                    assert (diff <= 2).mean() > 0.99
+
+
+def test_flip_is_applied_to_both():
+    image = np.zeros((4, 6, 3), np.uint8)
+    image[:, :2] = 255
+    mask = np.zeros((4, 6), np.uint8)
+    mask[:, :2] = 3
+    out = A.Compose([A.HorizontalFlip(p=1)])(image=image, mask=mask)
+    assert (out["mask"][:, -2:] == 3).all() and (out["image"][:, -2:] == 255).all()
+
+
+def test_pad_collate_uses_255_for_masks():
+    import torch
+
+    a = {"image": torch.ones(3, 2, 3, dtype=torch.uint8), "mask": torch.zeros(2, 3, dtype=torch.uint8), "id": "a"}
+    b = {"image": torch.ones(3, 4, 2, dtype=torch.uint8), "mask": torch.ones(4, 2, dtype=torch.uint8), "id": "b"}
+    batch = pad_collate([a, b])
+    assert batch["image"].shape == (2, 3, 4, 3) and batch["id"] == ["a", "b"]
+    assert (batch["mask"][0, 2:] == 255).all() and (batch["mask"][1, :, 2] == 255).all()
+    assert (batch["image"][0, :, 2:] == 0).all()
+
+
+def test_synthetic_tree_is_deterministic_and_valid(tmp_path):
+    from segvoc.data.synthetic import generate
+
+    v1 = generate(tmp_path / "a", num_train=4, num_val=2, height=40, width=50, seed=3)
+    v2 = generate(tmp_path / "b", num_train=4, num_val=2, height=40, width=50, seed=3)
+    for f in ("JPEGImages/syn_train_00002.jpg", "SegmentationClass/syn_val_00001.png"):
+        assert (v1 / f).read_bytes() == (v2 / f).read_bytes()
+    labels = set()
+    for i in range(4):
+        m = load_mask(v1 / "SegmentationClass" / f"syn_train_{i:05d}.png")
+        assert load_image(v1 / "JPEGImages" / f"syn_train_{i:05d}.jpg").shape[:2] == m.shape
+        labels |= set(np.unique(m).tolist())
+    assert 0 in labels and 255 in labels and len(labels - {0, 255}) >= 1
+
+
+def test_missing_root_is_one_clear_line(tmp_path):
+    with pytest.raises(DatasetError) as err:
+        resolve_voc_root(tmp_path / "nowhere")
+    msg = str(err.value)
+    assert "nowhere" in msg and "data.root" in msg and "data.download=true" in msg and "\n" not in msg
+
+
+def test_half_extracted_tree_names_missing_folder(tmp_path, voc_mini):
+    root = tmp_path / "VOCdevkit" / "VOC2012"
+    shutil.copytree(voc_mini, root)
+    shutil.rmtree(root / "SegmentationClass")
+    with pytest.raises(DatasetError, match="SegmentationClass"):
+        resolve_voc_root(tmp_path)
+
+
+def test_split_listing_missing_ids(tmp_path, voc_mini):
+    root = tmp_path / "VOC2012"
+    shutil.copytree(voc_mini, root)
+    with open(root / "ImageSets/Segmentation/train.txt", "a") as f:
+        f.write("2099_000001\n2099_000002\n")
+    with pytest.raises(DatasetError, match=r"2 of 4 ids .*2099_000001"):
+        make_splits(root)
+
+
+def test_mask_with_bad_labels(tmp_path):
+    from segvoc.data.io import save_palette_mask
+
+    save_palette_mask(np.full((3, 3), 42, np.uint8), tmp_path / "m.png")
+    with pytest.raises(DatasetError, match=r"values \[42\]"):
+        load_mask(tmp_path / "m.png")
+
+
+def test_size_mismatch(tmp_path, voc_mini):
+    root = tmp_path / "VOC2012"
+    shutil.copytree(voc_mini, root)
+    m = Image.open(root / "SegmentationClass/2007_000032.png")
+    m.crop((0, 0, 100, 100)).save(root / "SegmentationClass/2007_000032.png")
+    with pytest.raises(DatasetError, match="same size"):
+        VOCSegmentation(root, ["2007_000032"])[0]
+
+
+def test_corrupt_and_truncated_images(tmp_path):
+    (tmp_path / "x.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DatasetError, match="cannot decode"):
+        load_image(tmp_path / "x.jpg")
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "t.jpg")
+    data = (tmp_path / "t.jpg").read_bytes()
+    (tmp_path / "t.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DatasetError, match="truncated|cannot decode"):
+        load_image(tmp_path / "t.jpg")
+
+
+def test_path_objects(voc_mini):
+    assert isinstance(resolve_voc_root(str(voc_mini)), Path)

@@ -1,0 +1,79 @@
+"""The confusion-matrix metric against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from segvoc.losses import class_pixel_counts, inverse_frequency_weights
+from segvoc.metrics import ConfusionMatrix, confusion_counts, scores_from_confusion
+
+
+def test_confusion_counts_by_hand():
+    # 4 classes; class 3 is absent from both truth and prediction; 255 pixels are ignored
+    target = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 255]])
+    preds = torch.tensor([[0, 1, 1, 1], [2, 0, 3, 3]])
+    m = confusion_counts(preds, target, 4)
+    expected = torch.tensor([[1, 1, 0, 0], [0, 2, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]])
+    assert torch.equal(m, expected)
+    s = scores_from_confusion(m)
+    # IoU0 = 1/(2+2-1) = 1/3; IoU1 = 2/(2+3-2) = 2/3; IoU2 = 1/(2+1-1) = 1/2; class 3 excluded (empty union)
+    assert s["per_class_iou"][:3] == pytest.approx([1 / 3, 2 / 3, 1 / 2])
+    assert s["per_class_iou"][3] is None
+    assert s["miou"] == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3)
+    assert s["pixel_acc"] == pytest.approx(4 / 6)  # ignored pixels are not counted
+    assert s["mean_class_acc"] == pytest.approx((1 / 2 + 1 + 1 / 2) / 3)
+
+
+def test_class_only_predicted_counts_as_zero_iou():
+    target = torch.tensor([0, 0, 0, 0])
+    preds = torch.tensor([0, 0, 0, 2])
+    s = scores_from_confusion(confusion_counts(preds, target, 3))
+    assert s["per_class_iou"] == [pytest.approx(0.75), None, 0.0]
+    assert s["miou"] == pytest.approx(0.375)
+
+
+def test_metric_accumulates_over_batches_and_takes_logits():
+    metric = ConfusionMatrix(num_classes=3)
+    t1, t2 = torch.tensor([[0, 1]]), torch.tensor([[[2, 255]]])
+    metric.update(torch.tensor([[0, 1]]), t1)
+    logits = torch.zeros(1, 3, 1, 2)
+    logits[0, 2] = 1.0  # predicts class 2 everywhere
+    metric.update(logits, t2)
+    assert torch.equal(metric.compute(), torch.eye(3, dtype=torch.long))
+    metric.reset()
+    assert metric.compute().sum() == 0
+
+
+def test_empty_matrix_is_nan_not_crash():
+    s = scores_from_confusion(torch.zeros(3, 3, dtype=torch.long))
+    assert math.isnan(s["miou"]) and math.isnan(s["pixel_acc"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_matches_cpu():
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 21, (2, 50, 60), generator=g)
+    target[:, :5] = 255
+    preds = torch.randint(0, 21, (2, 50, 60), generator=g)
+    assert torch.equal(confusion_counts(preds.cuda(), target.cuda(), 21).cpu(), confusion_counts(preds, target, 21))
+
+
+def test_class_weights_by_hand(tmp_path):
+    import numpy as np
+
+    from segvoc.data.io import save_palette_mask
+
+    a = np.array([[0, 0, 0, 0], [0, 0, 1, 255]], dtype=np.uint8)  # 6 bg, 1 aeroplane
+    b = np.array([[0, 0, 1, 1], [2, 2, 2, 255]], dtype=np.uint8)  # 2 bg, 2 aeroplane, 3 bicycle
+    save_palette_mask(a, tmp_path / "a.png")
+    save_palette_mask(b, tmp_path / "b.png")
+    counts = class_pixel_counts([tmp_path / "a.png", tmp_path / "b.png"], num_classes=4)
+    assert counts.tolist() == [8, 3, 3, 0]
+    w = inverse_frequency_weights(counts)
+    # N = 14 valid pixels, K = 3 present classes: w_c = 14 / (3 n_c); absent class -> 0
+    assert w.tolist() == pytest.approx([14 / 24, 14 / 9, 14 / 9, 0.0])
+    w80 = inverse_frequency_weights(counts, background_scale=80)
+    assert w80[0] == pytest.approx(80 * 14 / 24) and w80[1] == pytest.approx(14 / 9)

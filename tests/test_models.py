@@ -1,0 +1,148 @@
+"""Each architecture against its table in the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models import resnet34
+
+from segvoc.errors import WeightsError
+from segvoc.models import FCNBaseline, FCNDilated, ResNet34Transfer, UNet
+
+ODD = (97, 131)
+
+
+def convs(module: nn.Module, kind: type) -> list:
+    return [m for m in module.modules() if type(m) is kind]
+
+
+def spec(layers: list) -> list[tuple]:
+    return [(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation) for m in layers]
+
+
+def test_fcn_baseline_layers():
+    m = FCNBaseline()
+    enc = spec(convs(m.encoder, nn.Conv2d))
+    assert enc == [(i, o, (3, 3), (2, 2), (1, 1), (1, 1)) for i, o in [(3, 32), (32, 64), (64, 128), (128, 256),
+                                                                          (256, 512)]]
+    dec = convs(m.decoder, nn.ConvTranspose2d)
+    assert [(d.in_channels, d.out_channels) for d in dec] == [(512, 512), (512, 256), (256, 128), (128, 64), (64, 32)]
+    assert all(d.kernel_size == (3, 3) and d.stride == (2, 2) and d.padding == (1, 1) and d.output_padding == (1, 1)
+               for d in dec)
+    # report 3.1 order inside every block: conv -> ReLU -> BatchNorm
+    for block in [*m.encoder, *m.decoder]:
+        assert [type(x) for x in block][1:] == [nn.ReLU, nn.BatchNorm2d]
+    assert (m.classifier.in_channels, m.classifier.out_channels, m.classifier.kernel_size) == (32, 21, (1, 1))
+
+
+def test_fcn_dilated_matches_table1():
+    m = FCNDilated()
+    table1 = [(3, 32, 2, 1, 1), (32, 64, 2, 1, 1), (64, 128, 2, 1, 1), (128, 256, 2, 1, 1), (256, 512, 2, 1, 1),
+              (512, 1024, 1, 1, 1), (1024, 1024, 1, 2, 2), (1024, 1024, 1, 4, 4), (1024, 1024, 1, 6, 6)]
+    got = [(c.in_channels, c.out_channels, c.stride[0], c.padding[0], c.dilation[0])
+           for c in convs(m, nn.Conv2d) if c.kernel_size == (3, 3)]
+    assert got == table1
+    dec = convs(m.decoder, nn.ConvTranspose2d)
+    assert [(d.in_channels, d.out_channels) for d in dec] == [(1024, 1024), (1024, 512), (512, 256), (256, 128),
+                                                              (128, 64)]
+    assert all(isinstance(b[1], nn.LeakyReLU) for b in [*m.encoder, m.widen, *m.dilated, *m.decoder])
+    assert m.dropout.p == 0.5 and m.classifier.in_channels == 64
+    assert m.skips is None and m.context is None  # Table 1 by default
+
+
+def test_resnet34_transfer_layers():
+    m = ResNet34Transfer(weights="none")
+    assert not any(isinstance(x, nn.Linear | nn.AdaptiveAvgPool2d) for x in m.encoder.modules())
+    dec = convs(m.decoder, nn.ConvTranspose2d)
+    assert [(d.in_channels, d.out_channels) for d in dec] == [(512, 512), (512, 256), (256, 128), (128, 64), (64, 32)]
+    assert (m.classifier.in_channels, m.classifier.out_channels) == (32, 21)
+
+
+def test_unet_layers():
+    m = UNet()
+    firsts = [blk[0] for blk in m.down]
+    assert [(c.in_channels, c.out_channels) for c in firsts] == [(3, 64), (64, 128), (128, 256), (256, 512),
+                                                                 (512, 1024)]
+    assert [(u.in_channels, u.out_channels, u.kernel_size, u.stride) for u in m.up] == [
+        (1024, 512, (2, 2), (2, 2)), (512, 256, (2, 2), (2, 2)), (256, 128, (2, 2), (2, 2)), (128, 64, (2, 2), (2, 2))]
+    assert [blk[0].in_channels for blk in m.up_conv] == [1024, 512, 256, 128]  # concat doubles channels
+    assert (m.classifier.in_channels, m.classifier.out_channels) == (64, 21)
+
+
+@pytest.mark.parametrize("factory", [FCNBaseline, FCNDilated, lambda: ResNet34Transfer(weights="none"), UNet,
+                                     lambda: FCNDilated(skip_connections=True, global_context=True)])
+def test_output_size_equals_input_for_odd_sizes(factory):
+    m = factory().eval()
+    with torch.no_grad():
+        y = m(torch.randn(1, 3, *ODD))
+    assert y.shape == (1, 21, *ODD)
+
+
+def test_xavier_init_applied():
+    m = FCNBaseline()
+    w = m.encoder[1][0].weight  # 32 -> 64, 3x3
+    bound = (6 / (32 * 9 + 64 * 9)) ** 0.5
+    assert w.abs().max() <= bound + 1e-6 and w.abs().max() > 0.8 * bound
+    assert torch.all(m.encoder[1][0].bias == 0)
+
+
+def _state_file(tmp_path: Path) -> tuple[Path, dict]:
+    torch.manual_seed(0)
+    state = resnet34().state_dict()
+    path = tmp_path / "r34.pth"
+    torch.save(state, path)
+    return path, state
+
+
+def test_weights_from_path_are_loaded_and_not_reinitialised(tmp_path):
+    path, state = _state_file(tmp_path)
+    m = ResNet34Transfer(weights=str(path))
+    assert torch.equal(m.encoder[0].weight, state["conv1.weight"])
+    assert torch.equal(m.encoder[7][2].conv2.weight, state["layer4.2.conv2.weight"])
+
+
+def test_frozen_encoder_gets_no_gradient_and_keeps_bn_stats(tmp_path):
+    path, _ = _state_file(tmp_path)
+    m = ResNet34Transfer(weights=str(path), freeze_encoder=True).train()
+    before = {k: v.clone() for k, v in m.encoder.state_dict().items()}
+    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randn(2, 3, 64, 64)
+    feats = m.encode(x)
+    assert feats.grad_fn is None  # no autograd graph through the frozen encoder
+    loss = m(x).logsumexp(1).mean()
+    loss.backward()
+    opt.step()
+    assert all(p.grad is None for p in m.encoder.parameters())
+    assert all(torch.equal(before[k], v) for k, v in m.encoder.state_dict().items())
+    assert not m.encoder.training and m.decoder.training
+    assert any(p.grad is not None for p in m.decoder.parameters())
+
+
+def test_unfrozen_encoder_trains(tmp_path):
+    m = ResNet34Transfer(weights="none", freeze_encoder=False).train()
+    m(torch.randn(2, 3, 64, 64)).mean().backward()
+    assert m.encoder[0].weight.grad is not None and m.encoder.training
+
+
+def test_bad_weights_give_one_line_error(tmp_path):
+    with pytest.raises(WeightsError, match="not found"):
+        ResNet34Transfer(weights=str(tmp_path / "missing.pth"))
+    bad = tmp_path / "bad.pth"
+    torch.save({"conv.weight": torch.zeros(3)}, bad)
+    with pytest.raises(WeightsError, match="not a ResNet34 state dict"):
+        ResNet34Transfer(weights=str(bad))
+
+
+def test_imagenet_weights_offline_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty cache; no network here
+
+    def offline(*a, **k):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr("torch.hub.load_state_dict_from_url", offline)
+    with pytest.raises(WeightsError) as err:
+        ResNet34Transfer(weights="imagenet")
+    assert "model.weights=" in str(err.value) and "\n" not in str(err.value)
