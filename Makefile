@@ -26,8 +26,12 @@ test: install  ## the whole test suite (CPU, ~5 min on 2 cores)
 lint: install
 	$(VENV)/bin/ruff check segvoc tests
 
-report: install  ## smoke sweep of the six report presets on synthetic data, then the report
-	$(PY) -m segvoc.report_sweep
+REPORT_PRESETS := 4a_baseline,4b_improved,4c_weighted,5a_dilated,5b_transfer,5c_unet
+report: install  ## smoke sweep of the six report presets on synthetic data, then the report (offline)
+	rm -rf outputs/report
+	SEGVOC_RESNET34_WEIGHTS=none $(PY) -m segvoc.train -m experiment=$(REPORT_PRESETS) data=synthetic \
+		trainer=smoke hydra.sweep.dir=outputs/report/sweep
+	$(PY) -m segvoc.report sweep=outputs/report/sweep hydra.run.dir=outputs/report
 
 bench: install  ## CPU speed benchmark (segvoc.bench)
 	$(PY) -m segvoc.bench

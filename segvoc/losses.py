@@ -21,16 +21,29 @@ class CrossEntropy(nn.Module):
     """Pixel-wise cross-entropy ignoring 255; ``weight`` is a buffer so it travels in checkpoints."""
 
     def __init__(self, num_classes: int = 21, weight: torch.Tensor | Sequence[float] | None = None,
-                 ignore_index: int = IGNORE_INDEX) -> None:
+                 ignore_index: int = IGNORE_INDEX, weighted: bool | None = None, aux_weight: float = 0.5) -> None:
         super().__init__()
         w = torch.ones(num_classes) if weight is None else torch.as_tensor(weight, dtype=torch.float32)
         self.register_buffer("weight", w.float())
         self.ignore_index = ignore_index
-        self.weighted = weight is not None
+        # weighted=True with weight=None: the weights arrive later with a checkpoint's state dict
+        self.weighted = weight is not None if weighted is None else weighted
+        self.aux_weight = aux_weight
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor | dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        """CE of ``logits`` (N,C,H,W); for ``{"out", "aux"}`` outputs adds ``aux_weight`` x CE of ``aux``."""
+        if isinstance(logits, dict):
+            loss = self(logits["out"], target)
+            if "aux" in logits and self.aux_weight:
+                loss = loss + self.aux_weight * self(logits["aux"], target)
+            return loss
         return F.cross_entropy(logits, target.long(), weight=self.weight if self.weighted else None,
                                ignore_index=self.ignore_index)
+
+    def nll(self, probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The same loss for averaged probabilities (test-time augmentation)."""
+        return F.nll_loss(probs.clamp_min(1e-12).log(), target.long(),
+                          weight=self.weight if self.weighted else None, ignore_index=self.ignore_index)
 
 
 def class_pixel_counts(mask_paths: Sequence[Path], num_classes: int = 21) -> np.ndarray:

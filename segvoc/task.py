@@ -16,6 +16,7 @@ from torchmetrics import MeanMetric
 
 from segvoc.data.palette import VOC_CLASSES
 from segvoc.data.transforms import Normalize
+from segvoc.inference import InferenceConfig, infer
 from segvoc.losses import CrossEntropy
 from segvoc.metrics import ConfusionMatrix, scores_from_confusion
 from segvoc.models import build_model
@@ -41,6 +42,7 @@ class SegmentationTask(pl.LightningModule):
         std: Sequence[float] = (0.229, 0.224, 0.225),
         class_names: Sequence[str] = VOC_CLASSES,
         log_images: int = 4,
+        inference: InferenceConfig | None = None,
         cfg: dict | None = None,
     ) -> None:
         super().__init__()
@@ -52,6 +54,7 @@ class SegmentationTask(pl.LightningModule):
         self.num_classes = num_classes
         self.class_names = list(class_names)
         self.log_images = log_images
+        self.infer_cfg = inference or InferenceConfig()
         self.normalize = Normalize(mean, std)
         self.confusion = nn.ModuleDict({s: ConfusionMatrix(num_classes) for s in EVAL_SPLITS})
         self.mean_loss = nn.ModuleDict({s: MeanMetric() for s in EVAL_SPLITS})
@@ -63,7 +66,9 @@ class SegmentationTask(pl.LightningModule):
                     pretrained: bool = True) -> SegmentationTask:
         """Build model, loss and task from a composed run config (``conf/train.yaml``)."""
         num_classes = int(cfg.data.num_classes)
-        criterion = CrossEntropy(num_classes, weight=class_weights)
+        criterion = CrossEntropy(num_classes, weight=class_weights,
+                                 weighted=cfg.loss.class_weights not in (None, "none"),
+                                 aux_weight=float(cfg.loss.get("aux_weight", 0.5)))
         return cls(
             model=build_model(cfg.model, num_classes, pretrained=pretrained),
             criterion=criterion,
@@ -73,12 +78,21 @@ class SegmentationTask(pl.LightningModule):
             mean=list(cfg.data.mean),
             std=list(cfg.data.std),
             log_images=int(cfg.get("log_images", 4)),
+            inference=InferenceConfig(**cfg.infer) if cfg.get("infer") else None,
             cfg=OmegaConf.to_container(cfg, resolve=True),
         )
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits (N,C,H,W) for uint8 images (N,3,H,W)."""
+    def forward(self, images: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Model output for uint8 images (N,3,H,W): logits (N,C,H,W), or ``{"out", "aux"}`` for aux heads."""
         return self.model(self.normalize(images))
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        return out["out"] if isinstance(out, dict) else out
+
+    def predict_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Evaluation scores for uint8 images under ``self.infer_cfg`` (see ``segvoc.inference.infer``)."""
+        return infer(self._logits, self.normalize(images), self.infer_cfg)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self(batch["image"])
@@ -87,10 +101,11 @@ class SegmentationTask(pl.LightningModule):
         return loss
 
     def _eval_step(self, batch: dict, split: str, batch_idx: int) -> None:
-        logits = self(batch["image"])
+        scores, are_probs = self.predict_scores(batch["image"])
         masks = batch["mask"]
-        self.mean_loss[split].update(self.criterion(logits, masks), weight=len(masks))
-        preds = logits.argmax(1)
+        loss = self.criterion.nll(scores, masks) if are_probs else self.criterion(scores, masks)
+        self.mean_loss[split].update(loss, weight=len(masks))
+        preds = scores.argmax(1)
         self.confusion[split].update(preds, masks)
         if split == "val" and len(self._samples) < self.log_images and not self.trainer.sanity_checking:
             for k in range(min(len(masks), self.log_images - len(self._samples))):

@@ -44,12 +44,17 @@ def class_weights_for(cfg: DictConfig, dm: VOCDataModule) -> list[float] | None:
     return weights.tolist()
 
 
-def build_trainer(cfg: DictConfig, **overrides: Any) -> pl.Trainer:
-    """``pl.Trainer`` from ``cfg.trainer`` with the configured callbacks and loggers."""
+def build_trainer(cfg: DictConfig, evaluation: bool = False) -> pl.Trainer:
+    """``pl.Trainer`` from ``cfg.trainer`` with the configured callbacks and loggers.
+
+    ``evaluation=True``: no callbacks and no loggers (final scoring must not add points to the training curves).
+    """
+    kwargs = dict(cfg.trainer)
+    if evaluation:
+        kwargs["enable_model_summary"] = False
+        return pl.Trainer(callbacks=[], logger=False, **kwargs)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg]
-    kwargs = dict(cfg.trainer)
-    kwargs.update(overrides)
     return pl.Trainer(callbacks=callbacks, logger=loggers or False, **kwargs)
 
 
@@ -75,12 +80,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     best = (ckpt_cb.best_model_path if ckpt_cb is not None else "") or None
     epoch = int(torch.load(best, map_location="cpu", weights_only=True)["epoch"]) if best else trainer.current_epoch
     metrics: dict[str, Any] = {}
+    scorer = build_trainer(cfg, evaluation=True)
     for split in ("val", "test"):
-        run = trainer.validate if split == "val" else trainer.test
+        run = scorer.validate if split == "val" else scorer.test
         run(task, datamodule=dm, ckpt_path=best, verbose=False)
         metrics[split] = split_scores(task, split, epoch)
     if trainer.is_global_zero:
         write_json(out / "metrics.json", metrics)
+        write_json(out / "confusion.json", {s: task.scores[s]["confusion"].tolist() for s in ("val", "test")})
         for lg in trainer.loggers:
             lg.log_metrics({"hp/val_miou": metrics["val"]["miou"], "hp/test_miou": metrics["test"]["miou"]},
                            step=trainer.global_step)

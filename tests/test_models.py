@@ -132,7 +132,7 @@ def test_bad_weights_give_one_line_error(tmp_path):
         ResNet34Transfer(weights=str(tmp_path / "missing.pth"))
     bad = tmp_path / "bad.pth"
     torch.save({"conv.weight": torch.zeros(3)}, bad)
-    with pytest.raises(WeightsError, match="not a ResNet34 state dict"):
+    with pytest.raises(WeightsError, match="not a resnet34 state dict"):
         ResNet34Transfer(weights=str(bad))
 
 

@@ -95,3 +95,21 @@ def test_missing_data_is_one_line_and_nonzero(tmp_path):
     assert r.returncode == 2
     err = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert err[-1].startswith("error: VOC 2012 not found at") and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("preset", ["ref_fcn_resnet50", "ref_deeplabv3_resnet50"])
+def test_reference_presets_train_with_aux_loss(preset, smoke_cfg, tmp_path):
+    cfg = smoke_cfg(f"experiment={preset}", "model.weights=none", "trainer.max_epochs=1", "data.subset=2",
+                    "data.batch_size=2", "scheduler.scheduler.total_iters=null")
+    assert cfg.scheduler.name == "poly" and cfg.model.aux_loss
+    metrics = train(cfg)
+    assert 0 <= metrics["test"]["miou"] <= 1
+
+
+def test_aux_output_adds_weighted_aux_loss():
+    from segvoc.losses import CrossEntropy
+
+    ce = CrossEntropy(3, aux_weight=0.5)
+    target = torch.tensor([[[0, 1], [2, 255]]])
+    out, aux = torch.randn(1, 3, 2, 2), torch.randn(1, 3, 2, 2)
+    assert torch.allclose(ce({"out": out, "aux": aux}, target), ce(out, target) + 0.5 * ce(aux, target))

@@ -10,6 +10,7 @@ from segvoc.models.base import SegmentationModel
 from segvoc.models.fcn_baseline import FCNBaseline
 from segvoc.models.fcn_dilated import FCNDilated
 from segvoc.models.resnet34_transfer import ResNet34Transfer
+from segvoc.models.torchvision_ref import TorchvisionSegmenter
 from segvoc.models.unet import UNet
 
 
@@ -28,4 +29,6 @@ def build_model(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> n
     return model
 
 
-__all__ = ["FCNBaseline", "FCNDilated", "ResNet34Transfer", "SegmentationModel", "UNet", "build_model"]
+__all__ = [
+    "FCNBaseline", "FCNDilated", "ResNet34Transfer", "SegmentationModel", "TorchvisionSegmenter", "UNet", "build_model",
+]

@@ -3,48 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import ResNet34_Weights, resnet34
+from torchvision.models import resnet34
 
-from segvoc.errors import WeightsError
 from segvoc.models.base import SegmentationModel, conv_act_bn, xavier_init
-
-WEIGHTS_HELP = (
-    "pass model.weights=/path/to/resnet34-b627a593.pth, put that file in $TORCH_HOME/hub/checkpoints, "
-    "or use model.weights=none"
-)
-
-
-def load_resnet34_state(weights: str) -> dict[str, torch.Tensor] | None:
-    """State dict for ``weights``: ``imagenet`` (torchvision IMAGENET1K_V1, cached in TORCH_HOME), ``none``,
-    or a path to a saved ResNet34 state dict. Failures raise a one-line ``WeightsError``."""
-    if weights in (None, "none"):
-        return None
-    if weights == "imagenet":
-        try:
-            return ResNet34_Weights.IMAGENET1K_V1.get_state_dict(progress=True, check_hash=False)
-        except Exception as exc:  # offline: URLError, socket errors, ... all mean the same to the user
-            raise WeightsError(
-                f"cannot get ImageNet ResNet34 weights ({type(exc).__name__}); {WEIGHTS_HELP}"
-            ) from None
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise WeightsError(f"{path}: weights file not found; {WEIGHTS_HELP}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsError(f"{path}: not a loadable state dict ({type(exc).__name__}); {WEIGHTS_HELP}") from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    expected = resnet34().state_dict()
-    if not isinstance(state, dict) or not all(
-        k in state and tuple(state[k].shape) == tuple(v.shape) for k, v in expected.items() if k.startswith("layer4")
-    ):
-        raise WeightsError(f"{path}: not a ResNet34 state dict (keys/shapes differ); {WEIGHTS_HELP}")
-    return state
+from segvoc.models.weights import load_backbone_state
 
 
 class ResNet34Transfer(SegmentationModel):
@@ -68,7 +33,7 @@ class ResNet34Transfer(SegmentationModel):
         self.num_classes = num_classes
         self.freeze_encoder = freeze_encoder
         backbone = resnet34()
-        state = load_resnet34_state(weights)
+        state = load_backbone_state(weights, "resnet34")
         if state is None:
             xavier_init(backbone)
         else:

@@ -1,0 +1,63 @@
+"""Loading segvoc checkpoints safely (weights only) back into a ``SegmentationTask``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from segvoc.errors import WeightsError
+from segvoc.inference import InferenceConfig
+from segvoc.task import SegmentationTask
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary pickled code."""
+    path = Path(path).expanduser()
+    if path.is_dir():  # a run directory: take its best checkpoint
+        path = path / "checkpoints" / "best.ckpt"
+    if not path.is_file():
+        raise WeightsError(f"{path}: checkpoint not found; pass ckpt=<run dir>/checkpoints/best.ckpt")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"{path}: cannot load checkpoint safely ({type(exc).__name__}: {str(exc)[:100]}); "
+                           "is it a segvoc checkpoint, complete and not truncated?") from None
+    if "state_dict" not in ckpt or "cfg" not in ckpt.get("hyper_parameters", {}):
+        raise WeightsError(f"{path}: not a segvoc checkpoint (no state_dict/config); train one with segvoc.train")
+    return ckpt
+
+
+def checkpoint_config(ckpt: dict[str, Any]) -> DictConfig:
+    """The run config stored in a checkpoint."""
+    return OmegaConf.create(ckpt["hyper_parameters"]["cfg"])
+
+
+def load_task(path: str | Path, inference: InferenceConfig | None = None) -> tuple[SegmentationTask, DictConfig]:
+    """Rebuild the task of a checkpoint (no pretrained download: the checkpoint holds every weight)."""
+    ckpt = read_checkpoint(path)
+    cfg = checkpoint_config(ckpt)
+    task = SegmentationTask.from_config(cfg, pretrained=False)
+    load_state(task, ckpt["state_dict"], path, cfg)
+    if inference is not None:
+        task.infer_cfg = inference
+    task.eval()
+    return task, cfg
+
+
+def load_state(task: SegmentationTask, state: dict[str, torch.Tensor], path: str | Path, cfg: DictConfig) -> None:
+    """``load_state_dict`` with a one-line error naming the checkpoint's model and the expected one."""
+    own = task.state_dict()
+    bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state]
+    if bad or missing:
+        found = cfg.model.get("name", "?")
+        classes = state.get("model.classifier.weight", torch.empty(0)).shape[:1]
+        raise WeightsError(
+            f"{path}: checkpoint does not fit model {task.model.__class__.__name__} with {task.num_classes} classes "
+            f"(checkpoint: model {found}, classes {list(classes) or '?'}; {len(bad)} shape mismatches, "
+            f"{len(missing)} missing keys); use the config the checkpoint was trained with"
+        )
+    task.load_state_dict(state, strict=True)

@@ -1,0 +1,71 @@
+"""``python -m segvoc.evaluate ckpt=<path> [split=test] [tta=none|flip|ms_flip]``: score a checkpoint.
+
+Runs the same evaluation loop as training (full-resolution images, dataset-level confusion matrix), writes
+``metrics.json`` (``{split: {loss, miou, pixel_acc, mean_class_acc, per_class_iou, epoch}}``), ``confusion.json``
+and ``per_class_iou.md`` into its run directory, and prints the per-class table.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from segvoc import config as _config  # noqa: F401  (registers resolvers)
+from segvoc.checkpoint import load_task, read_checkpoint
+from segvoc.cli import run_app
+from segvoc.data.datamodule import build_datamodule
+from segvoc.errors import ConfigError
+from segvoc.inference import InferenceConfig
+from segvoc.tables import per_class_table
+from segvoc.train import split_scores
+from segvoc.utils import atomic_write_text, write_json
+
+log = logging.getLogger("segvoc.evaluate")
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate ``cfg.ckpt`` on ``cfg.split``; returns (and writes) ``{split: scores}``."""
+    if cfg.split not in ("val", "test"):
+        raise ConfigError(f"split={cfg.split!r}: use val or test")
+    out = Path(cfg.paths.output_dir)
+    inference = InferenceConfig(**OmegaConf.to_container(cfg.infer, resolve=True))
+    task, run_cfg = load_task(cfg.ckpt, inference)
+    epoch = read_checkpoint(cfg.ckpt).get("epoch")
+    with open_dict(run_cfg):
+        if cfg.data_root:
+            run_cfg.data.root = cfg.data_root
+        if cfg.num_workers is not None:
+            run_cfg.data.num_workers = cfg.num_workers
+        run_cfg.data.synthetic = run_cfg.data.get("synthetic") if not cfg.data_root else None
+    dm = build_datamodule(run_cfg)
+    dm.prepare_data()
+    dm.setup("test")
+    trainer = pl.Trainer(logger=False, callbacks=[], enable_model_summary=False, **{
+        k: v for k, v in cfg.trainer.items()
+        if k in ("accelerator", "devices", "num_nodes", "strategy", "precision", "enable_progress_bar")})
+    run = trainer.validate if cfg.split == "val" else trainer.test
+    run(task, datamodule=dm, verbose=False)
+    metrics = {cfg.split: split_scores(task, cfg.split, epoch)}
+    if trainer.is_global_zero:
+        write_json(out / "metrics.json", metrics)
+        write_json(out / "confusion.json", {cfg.split: task.scores[cfg.split]["confusion"].tolist()})
+        table = per_class_table(task.scores[cfg.split], title=f"{cfg.split} ({Path(cfg.ckpt)}, tta={cfg.tta})")
+        atomic_write_text(out / "per_class_iou.md", table)
+        print(table, flush=True)
+        log.info("%s mIoU %.4f pixel acc %.4f -> %s", cfg.split, metrics[cfg.split]["miou"],
+                 metrics[cfg.split]["pixel_acc"], out)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    run_app(evaluate, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Inference modes shared by training-time evaluation, ``segvoc.evaluate`` and ``segvoc.predict``.
+
+``mode``: ``whole`` (the image in one pass) or ``slide`` (overlapping windows, averaged; for large images).
+``tta``: ``none``, ``flip`` (average with the horizontally flipped pass) or ``ms_flip`` (scales x flip).
+Multiple passes average softmax probabilities; a single pass returns raw logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class InferenceConfig:
+    """How to turn a normalised image batch into class scores (``conf/infer``)."""
+
+    mode: str = "whole"          # whole | slide | auto (slide when the image is larger than max_pixels)
+    tta: str = "none"            # none | flip | ms_flip
+    scales: Sequence[float] = field(default_factory=lambda: (0.75, 1.0, 1.25))
+    window: int = 512
+    stride: int = 341
+    max_pixels: int = 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("whole", "slide", "auto"):
+            from segvoc.errors import ConfigError
+
+            raise ConfigError(f"infer.mode={self.mode!r}: use whole, slide or auto")
+        if self.tta not in ("none", "flip", "ms_flip"):
+            from segvoc.errors import ConfigError
+
+            raise ConfigError(f"tta={self.tta!r}: use none, flip or ms_flip")
+
+    @property
+    def single_pass(self) -> bool:
+        return self.tta == "none"
+
+
+def slide_logits(forward: Forward, x: torch.Tensor, window: int, stride: int) -> torch.Tensor:
+    """Logits from overlapping ``window`` x ``window`` crops every ``stride`` pixels, averaged where they overlap."""
+    n, _, h, w = x.shape
+    out: torch.Tensor | None = None
+    count = torch.zeros((1, 1, h, w), device=x.device)
+    ys = list(range(0, max(h - window, 0) + 1, stride))
+    xs = list(range(0, max(w - window, 0) + 1, stride))
+    if ys[-1] + window < h:
+        ys.append(h - window)
+    if xs[-1] + window < w:
+        xs.append(w - window)
+    for y0 in ys:
+        for x0 in xs:
+            crop = x[..., y0:y0 + window, x0:x0 + window]
+            logits = forward(crop)
+            if out is None:
+                out = torch.zeros((n, logits.shape[1], h, w), device=x.device, dtype=logits.dtype)
+            out[..., y0:y0 + crop.shape[-2], x0:x0 + crop.shape[-1]] += logits
+            count[..., y0:y0 + crop.shape[-2], x0:x0 + crop.shape[-1]] += 1
+    assert out is not None
+    return out / count
+
+
+def single_pass(forward: Forward, x: torch.Tensor, cfg: InferenceConfig) -> torch.Tensor:
+    """Logits of one pass in the configured mode."""
+    h, w = x.shape[-2:]
+    slide = cfg.mode == "slide" or (cfg.mode == "auto" and h * w > cfg.max_pixels)
+    if slide and (h > cfg.window or w > cfg.window):
+        return slide_logits(forward, x, cfg.window, cfg.stride)
+    return forward(x)
+
+
+def infer(forward: Forward, x: torch.Tensor, cfg: InferenceConfig) -> tuple[torch.Tensor, bool]:
+    """Scores for a normalised batch ``x`` (N,3,H,W): ``(logits, False)`` for a single pass, else
+    ``(mean softmax probabilities, True)`` over flips and scales."""
+    if cfg.single_pass:
+        return single_pass(forward, x, cfg), False
+    h, w = x.shape[-2:]
+    scales = cfg.scales if cfg.tta == "ms_flip" else (1.0,)
+    probs = None
+    for s in scales:
+        xs = x if s == 1.0 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+        for flip in (False, True):
+            inp = xs.flip(-1) if flip else xs
+            logits = single_pass(forward, inp, cfg)
+            if flip:
+                logits = logits.flip(-1)
+            if logits.shape[-2:] != (h, w):
+                logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+            p = logits.float().softmax(1)
+            probs = p if probs is None else probs + p
+    assert probs is not None
+    return probs / (2 * len(scales)), True

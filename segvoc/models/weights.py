@@ -1,0 +1,53 @@
+"""Pretrained backbone weights: ImageNet from torchvision (cached in TORCH_HOME), none, or a local file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torchvision import models
+
+from segvoc.errors import WeightsError
+
+_ARCH = {
+    "resnet34": (models.resnet34, models.ResNet34_Weights.IMAGENET1K_V1),
+    "resnet50": (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V1),
+}
+
+
+def weights_help(arch: str) -> str:
+    """How to fix missing weights, as one sentence."""
+    fname = Path(_ARCH[arch][1].url).name
+    return (f"pass model.weights=/path/to/{fname}, put that file in $TORCH_HOME/hub/checkpoints, "
+            "or use model.weights=none")
+
+
+def load_backbone_state(weights: str | None, arch: str = "resnet34") -> dict[str, torch.Tensor] | None:
+    """State dict for ``weights``: ``imagenet`` (torchvision IMAGENET1K_V1), ``none``/None, or a path to a saved
+    state dict of ``arch``. Every failure is a one-line ``WeightsError`` saying how to fix it."""
+    if weights in (None, "none"):
+        return None
+    builder, imagenet = _ARCH[arch]
+    if weights == "imagenet":
+        try:
+            return imagenet.get_state_dict(progress=True, check_hash=False)
+        except Exception as exc:  # offline: URLError, socket errors, ... all mean the same to the user
+            raise WeightsError(
+                f"cannot get ImageNet {arch} weights ({type(exc).__name__}); {weights_help(arch)}"
+            ) from None
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found; {weights_help(arch)}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"{path}: not a loadable state dict ({type(exc).__name__}); {weights_help(arch)}") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    expected = builder().state_dict()
+    if not isinstance(state, dict) or not all(
+        k in state and tuple(state[k].shape) == tuple(v.shape) for k, v in expected.items() if k != "fc.weight"
+        and k != "fc.bias"
+    ):
+        raise WeightsError(f"{path}: not a {arch} state dict (keys/shapes differ); {weights_help(arch)}")
+    return state

@@ -1,0 +1,244 @@
+"""``python -m segvoc.report sweep=<dir or list> [output=<dir>]``: the report's tables and figures from runs.
+
+Reads each run's ``metrics.json``, ``.hydra/config.yaml``, ``confusion.json`` and TensorBoard scalars; writes
+``results.md``/``results.csv`` (runs beside the report's published figures, plus per-class IoU),
+``<run>_loss.png`` (Figures 1, 2, 4), ``<run>_predictions.png`` (Figures 3, 5) and ``<run>_confusion.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from segvoc import config as _config  # noqa: F401  (registers resolvers)
+from segvoc.cli import run_app
+from segvoc.data.palette import VOC_CLASSES
+from segvoc.errors import ConfigError
+from segvoc.tables import fmt, markdown_table
+from segvoc.utils import atomic_write_text
+
+log = logging.getLogger("segvoc.report")
+
+RESULT_COLUMNS = ("run", "experiment", "model", "loss_fn", "scheduler", "augment", "best_epoch", "val_loss",
+                  "val_miou", "val_pixel_acc", "test_loss", "test_miou", "test_pixel_acc")
+
+
+@dataclass
+class Run:
+    """One finished run directory."""
+
+    path: Path
+    metrics: dict[str, Any]
+    cfg: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.path.name}"
+
+    @property
+    def experiment(self) -> str:
+        return str(self.cfg.get("name") or self.path.name)
+
+    def group(self, key: str) -> str:
+        node = self.cfg.get(key) or {}
+        return str(node.get("name", "-")) if isinstance(node, dict) else str(node)
+
+    def row(self) -> dict[str, Any]:
+        v, t = self.metrics.get("val", {}), self.metrics.get("test", {})
+        return {"run": self.label, "experiment": self.experiment, "model": self.group("model"),
+                "loss_fn": self.group("loss"), "scheduler": self.group("scheduler"), "augment": self.group("augment"),
+                "best_epoch": v.get("epoch", t.get("epoch")), "val_loss": v.get("loss"), "val_miou": v.get("miou"),
+                "val_pixel_acc": v.get("pixel_acc"), "test_loss": t.get("loss"), "test_miou": t.get("miou"),
+                "test_pixel_acc": t.get("pixel_acc")}
+
+
+def find_runs(sweep: str | Sequence[str]) -> list[Run]:
+    """Every directory holding ``metrics.json`` under the given folder(s), sorted by path."""
+    roots = [sweep] if isinstance(sweep, str | Path) else list(sweep)
+    found: list[Path] = []
+    for r in roots:
+        r = Path(r).expanduser()
+        if not r.exists():
+            raise ConfigError(f"sweep={r}: no such folder; pass a multirun dir, a run dir, or a list of them")
+        found += [p.parent for p in r.rglob("metrics.json")] if not (r / "metrics.json").is_file() else [r]
+    if not found:
+        raise ConfigError(f"sweep={sweep}: no run with metrics.json found; did the runs finish?")
+    runs = []
+    for d in sorted(set(found)):
+        cfg_file = d / ".hydra" / "config.yaml"
+        cfg = _resolved_fields(OmegaConf.load(cfg_file)) if cfg_file.is_file() else {}
+        runs.append(Run(d, json.loads((d / "metrics.json").read_text()), cfg))
+    return runs
+
+
+def _resolved_fields(cfg: DictConfig) -> dict[str, Any]:
+    """The fields a report needs from a saved run config, with interpolations resolved where possible."""
+    out: dict[str, Any] = {}
+    for key in ("name", "model.name", "loss.name", "scheduler.name", "augment.name"):
+        try:
+            value = OmegaConf.select(cfg, key, throw_on_resolution_failure=True)
+        except Exception:
+            value = OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def read_scalars(run_dir: Path, tags: Sequence[str]) -> dict[str, list[float]]:
+    """Scalar series (in logging order) of the given tags from the run's TensorBoard event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    series: dict[str, list[tuple[float, int, float]]] = {t: [] for t in tags}
+    for ev in sorted((run_dir / "tb").glob("events.out.tfevents.*")) if (run_dir / "tb").is_dir() else []:
+        acc = EventAccumulator(str(ev), size_guidance={"scalars": 0})
+        acc.Reload()
+        for t in tags:
+            if t in acc.Tags().get("scalars", []):
+                series[t] += [(e.wall_time, e.step, e.value) for e in acc.Scalars(t)]
+    return {t: [v for _, _, v in sorted(s)] for t, s in series.items()}
+
+
+def loss_curve_png(run: Run, path: Path) -> bool:
+    """Train and val loss per epoch (report Figures 1, 2, 4); False when the run logged none."""
+    import matplotlib.pyplot as plt
+
+    s = read_scalars(run.path, ("train/loss_epoch", "val/loss"))
+    if not any(s.values()):
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for tag, label in (("train/loss_epoch", "train"), ("val/loss", "validation")):
+        if s[tag]:
+            ax.plot(range(len(s[tag])), s[tag], marker="o", label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title(f"loss: {run.experiment}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def confusion_png(run: Run, split: str, path: Path) -> bool:
+    """Row-normalised confusion heat map from the run's ``confusion.json``."""
+    import matplotlib.pyplot as plt
+
+    from segvoc.visualize import confusion_figure
+
+    f = run.path / "confusion.json"
+    if not f.is_file():
+        return False
+    mats = json.loads(f.read_text())
+    if split not in mats:
+        split = next(iter(mats))
+    fig = confusion_figure(np.array(mats[split]), title=f"{run.experiment} ({split}, row-normalised)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def predictions_png(run: Run, num_images: int, path: Path, device: str = "cpu") -> bool:
+    """Image | truth | prediction | overlay for the first validation images (report Figures 3, 5)."""
+    import torch
+    from PIL import Image
+
+    from segvoc.checkpoint import load_task
+    from segvoc.data.datamodule import build_datamodule
+    from segvoc.predict import predict_mask
+    from segvoc.visualize import prediction_grid
+
+    ckpt = run.path / "checkpoints" / "best.ckpt"
+    if not ckpt.is_file() or num_images <= 0:
+        return False
+    task, cfg = load_task(ckpt)
+    task.to(device)
+    dm = build_datamodule(cfg)
+    dm.prepare_data()
+    dm.setup("validate")
+    ds = dm.datasets["val"]
+    rows = []
+    with torch.no_grad():
+        for k in range(min(num_images, len(ds))):
+            image, truth = ds.load(k)
+            rows.append((image, truth, predict_mask(task, image)))
+    Image.fromarray(prediction_grid(rows)).save(path)
+    return True
+
+
+def results_markdown(runs: Sequence[Run], published: dict[str, Any]) -> str:
+    """The report-style results table with published figures beside, then per-class IoU."""
+    rows = [r.row() for r in runs]
+    out = io.StringIO()
+    out.write("# segvoc results\n\n## Runs (best checkpoint)\n\n")
+    out.write(markdown_table(RESULT_COLUMNS, [[row[c] for c in RESULT_COLUMNS] for row in rows]))
+    out.write("\n## Beside the report's published figures\n\n")
+    cmp_rows = []
+    for row in rows:
+        pub = published.get(row["experiment"]) or {}
+        cmp_rows.append([row["experiment"], row["val_miou"], pub.get("val_miou"), row["val_pixel_acc"],
+                         pub.get("val_pixel_acc"), row["test_miou"], pub.get("test_miou"), row["test_pixel_acc"],
+                         pub.get("test_pixel_acc"), pub.get("source", "-")])
+    out.write(markdown_table(("experiment", "val mIoU", "report", "val pixel acc", "report", "test mIoU", "report",
+                              "test pixel acc", "report", "report source"), cmp_rows))
+    out.write("\n## Per-class test IoU\n\n")
+    pc = [[r.label, *(r.metrics.get("test", {}).get("per_class_iou") or [None] * 21)] for r in runs]
+    out.write(markdown_table(("run", *VOC_CLASSES), pc))
+    return out.getvalue()
+
+
+def build_report(sweep: str | Sequence[str], output: Path, published: dict[str, Any], num_images: int = 4,
+                 confusion_split: str = "test", device: str = "cpu") -> dict[str, Any]:
+    """Write tables and figures for the runs under ``sweep`` into ``output``; returns what was written."""
+    runs = find_runs(sweep)
+    output.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output / "results.md", results_markdown(runs, published))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=[*RESULT_COLUMNS, *(f"iou_{c}" for c in VOC_CLASSES)])
+    writer.writeheader()
+    for r in runs:
+        per_class = r.metrics.get("test", {}).get("per_class_iou") or [None] * 21
+        writer.writerow({**{k: fmt(v, 6) if isinstance(v, float) else v for k, v in r.row().items()},
+                         **{f"iou_{c}": fmt(v, 6) for c, v in zip(VOC_CLASSES, per_class, strict=False)}})
+    atomic_write_text(output / "results.csv", buf.getvalue())
+    figures = []
+    for r in runs:
+        for suffix, make in (("loss", lambda r, p: loss_curve_png(r, p)),
+                             ("confusion", lambda r, p: confusion_png(r, confusion_split, p)),
+                             ("predictions", lambda r, p: predictions_png(r, num_images, p, device))):
+            p = output / f"{r.label}_{suffix}.png"
+            if make(r, p):
+                figures.append(p.name)
+    log.info("report of %d runs in %s", len(runs), output)
+    return {"runs": [str(r.path) for r in runs], "figures": figures}
+
+
+def report(cfg: DictConfig) -> dict[str, Any]:
+    sweep = list(cfg.sweep) if isinstance(cfg.sweep, ListConfig) else str(cfg.sweep)
+    published = OmegaConf.to_container(cfg.published, resolve=True)
+    result = build_report(sweep, Path(cfg.output), published, int(cfg.num_images), cfg.confusion_split, cfg.device)
+    print((Path(cfg.output) / "results.md").read_text())
+    print(f"figures: {len(result['figures'])} PNGs in {cfg.output}")
+    return result
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="report")
+def main(cfg: DictConfig) -> None:
+    run_app(report, cfg)
+
+
+if __name__ == "__main__":
+    main()

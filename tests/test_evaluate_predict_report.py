@@ -1,0 +1,167 @@
+"""evaluate / predict / report against a real (tiny) training run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from segvoc.config import compose
+from segvoc.data.palette import palette_bytes
+from segvoc.evaluate import evaluate
+from segvoc.inference import InferenceConfig, infer
+from segvoc.predict import predict
+from segvoc.report import build_report
+from segvoc.train import train
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, synthetic_root) -> Path:
+    from tests.conftest import make_cfg
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = make_cfg(out, "data=synthetic", "trainer=smoke", "data.synthetic=null", "data.subset=6",
+                   "trainer.max_epochs=2", data_root=synthetic_root)
+    train(cfg)
+    return out
+
+
+def _eval(run: Path, out: Path, *extra: str) -> dict:
+    cfg = compose([f"ckpt={run}/checkpoints/best.ckpt", f"paths.output_dir={out}", "trainer.accelerator=cpu",
+                   "trainer.enable_progress_bar=false", *extra], config_name="evaluate")
+    return evaluate(cfg)
+
+
+def test_evaluate_reproduces_training_test_metrics_exactly(trained_run, tmp_path):
+    got = _eval(trained_run, tmp_path)
+    expected = json.loads((trained_run / "metrics.json").read_text())["test"]
+    assert json.loads((tmp_path / "metrics.json").read_text())["test"] == expected
+    assert got["test"]["miou"] == expected["miou"]
+    table = (tmp_path / "per_class_iou.md").read_text()
+    assert "aeroplane" in table and "mIoU" in table
+
+
+def test_evaluate_val_split_and_flip_tta_run(trained_run, tmp_path):
+    val = _eval(trained_run, tmp_path / "v", "split=val")["val"]
+    assert val == json.loads((trained_run / "metrics.json").read_text())["val"]
+    flip = _eval(trained_run, tmp_path / "f", "tta=flip")["test"]
+    assert 0 <= flip["miou"] <= 1
+
+
+def _write_inputs(folder: Path) -> dict[str, tuple[int, int]]:
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    sizes = {"rgb": (37, 53), "gray": (41, 29), "rgba": (33, 65)}
+    Image.fromarray(rng.integers(0, 255, (37, 53, 3), dtype=np.uint8)).save(folder / "rgb.jpg")
+    Image.fromarray(rng.integers(0, 255, (41, 29), dtype=np.uint8), mode=None).save(folder / "gray.png")
+    Image.fromarray(rng.integers(0, 255, (33, 65, 4), dtype=np.uint8)).save(folder / "rgba.png")
+    (folder / "broken.jpg").write_bytes(b"garbage")
+    return sizes
+
+
+def test_predict_writes_palette_masks_of_input_size(trained_run, tmp_path):
+    sizes = _write_inputs(tmp_path / "in")
+    cfg = compose([f"ckpt={trained_run}", f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}",
+                   f"paths.output_dir={tmp_path}"], config_name="predict")
+    result = predict(cfg)
+    assert len(result["done"]) == 3 and len(result["failed"]) == 1 and "broken.jpg" in result["failed"][0]
+    for name, (h, w) in sizes.items():
+        with Image.open(tmp_path / "out" / f"{name}.png") as m:
+            assert m.mode == "P" and m.size == (w, h)
+            assert m.getpalette()[: 3 * 21] == palette_bytes()[: 3 * 21]
+            assert np.asarray(m).max() <= 20
+        assert (tmp_path / "out" / f"{name}_overlay.png").is_file()
+
+
+def test_predict_masks_give_evaluate_miou(trained_run, tmp_path, synthetic_root):
+    ids = (trained_run / "splits" / "test.txt").read_text().split()
+    voc = synthetic_root / "VOCdevkit" / "VOC2012"
+    (tmp_path / "in").mkdir()
+    for i in ids:
+        (tmp_path / "in" / f"{i}.jpg").write_bytes((voc / "JPEGImages" / f"{i}.jpg").read_bytes())
+    cfg = compose([f"ckpt={trained_run}", f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}",
+                   f"paths.output_dir={tmp_path}"], config_name="predict")
+    predict(cfg)
+    cm = np.zeros((21, 21), np.int64)  # an independent numpy confusion matrix
+    for i in ids:
+        gt = np.array(Image.open(voc / "SegmentationClass" / f"{i}.png")).astype(np.int64)
+        pr = np.array(Image.open(tmp_path / "out" / f"{i}.png")).astype(np.int64)
+        keep = gt != 255
+        np.add.at(cm, (gt[keep], pr[keep]), 1)
+    inter = np.diag(cm)
+    union = cm.sum(0) + cm.sum(1) - inter
+    miou = float(np.mean(inter[union > 0] / union[union > 0]))
+    expected = json.loads((trained_run / "metrics.json").read_text())["test"]["miou"]
+    assert miou == pytest.approx(expected, abs=1e-12)
+
+
+def test_flip_tta_is_identity_for_a_mirror_symmetric_model():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 17, 23)
+    pointwise = torch.nn.Conv2d(3, 21, 1)  # 1x1 conv: commutes with a horizontal flip
+    logits, probs_flag = infer(pointwise, x, InferenceConfig(tta="none"))
+    probs, flag = infer(pointwise, x, InferenceConfig(tta="flip"))
+    assert not probs_flag and flag
+    assert torch.allclose(probs, logits.softmax(1), atol=1e-6)
+    asymmetric = torch.nn.Conv2d(3, 21, (1, 3), padding=(0, 1))
+    p_none = infer(asymmetric, x, InferenceConfig())[0].softmax(1)
+    assert not torch.allclose(infer(asymmetric, x, InferenceConfig(tta="flip"))[0], p_none, atol=1e-4)
+
+
+def test_slide_inference_matches_whole_for_pointwise_model():
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 70, 90)
+    pointwise = torch.nn.Conv2d(3, 21, 1)
+    whole = infer(pointwise, x, InferenceConfig())[0]
+    slide = infer(pointwise, x, InferenceConfig(mode="slide", window=32, stride=20))[0]
+    assert torch.allclose(whole, slide, atol=1e-5)
+
+
+def _fake_run(root: Path, name: str, exp: str, val_miou: float, test_miou: float) -> Path:
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(
+        f"name: {exp}\nmodel:\n  name: fcn_baseline\nloss:\n  name: ce\nscheduler:\n  name: cosine\n"
+        "augment:\n  name: report\n")
+    per_class = [0.9] + [None] * 20
+    metrics = {s: {"loss": 0.5, "miou": m, "pixel_acc": 0.8, "mean_class_acc": 0.4, "per_class_iou": per_class,
+                   "epoch": 3} for s, m in (("val", val_miou), ("test", test_miou))}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    (run / "confusion.json").write_text(json.dumps({"test": np.eye(21, dtype=int).tolist()}))
+    w = SummaryWriter(str(run / "tb"))
+    for epoch, (tl, vl) in enumerate([(1.0, 1.1), (0.7, 0.9), (0.5, 0.8)]):
+        w.add_scalar("train/loss_epoch", tl, epoch)
+        w.add_scalar("val/loss", vl, epoch)
+    w.close()
+    return run
+
+
+def test_report_tables_and_figures_from_fake_runs(tmp_path):
+    _fake_run(tmp_path / "sweep", "0_a", "4a_baseline", 0.31, 0.29)
+    _fake_run(tmp_path / "sweep", "1_b", "4b_improved", 0.12, 0.11)
+    published = compose(["paths.output_dir=/tmp", "sweep=x"], config_name="report").published
+    result = build_report(str(tmp_path / "sweep"), tmp_path / "rep", dict(published), num_images=2)
+    csv_rows = (tmp_path / "rep" / "results.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("run,experiment,model,loss_fn,scheduler,augment,best_epoch")
+    assert "0_a,4a_baseline,fcn_baseline,ce,cosine,report,3" in csv_rows[1] and "0.310000" in csv_rows[1]
+    assert "0.290000" in csv_rows[1] and "0.110000" in csv_rows[2]
+    md = (tmp_path / "rep" / "results.md").read_text()
+    assert "| 4a_baseline | 0.3100 | 0.2314 |" in md  # ours beside Table 4
+    assert "| 4b_improved | 0.1200 | 0.0511 |" in md  # ours beside Table 5
+    assert sorted(result["figures"]) == ["0_a_confusion.png", "0_a_loss.png", "1_b_confusion.png", "1_b_loss.png"]
+    for f in result["figures"]:
+        with Image.open(tmp_path / "rep" / f) as im:
+            assert im.size[0] > 100
+
+
+def test_report_on_real_run_draws_predictions(trained_run, tmp_path):
+    published = compose(["paths.output_dir=/tmp", "sweep=x"], config_name="report").published
+    result = build_report(str(trained_run), tmp_path, dict(published), num_images=2)
+    assert f"{trained_run.name}_predictions.png" in result["figures"]
+    assert f"{trained_run.name}_loss.png" in result["figures"]
