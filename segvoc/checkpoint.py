@@ -47,7 +47,8 @@ def load_task(path: str | Path, inference: InferenceConfig | None = None) -> tup
     return task, cfg
 
 
-def load_state(task: SegmentationTask, state: dict[str, torch.Tensor], path: str | Path, cfg: DictConfig) -> None:
+def load_state(task: SegmentationTask, state: dict[str, torch.Tensor], path: str | Path, cfg: DictConfig,
+               check_only: bool = False) -> None:
     """``load_state_dict`` with a one-line error naming the checkpoint's model and the expected one."""
     own = task.state_dict()
     bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
@@ -60,4 +61,5 @@ def load_state(task: SegmentationTask, state: dict[str, torch.Tensor], path: str
             f"(checkpoint: model {found}, classes {list(classes) or '?'}; {len(bad)} shape mismatches, "
             f"{len(missing)} missing keys); use the config the checkpoint was trained with"
         )
-    task.load_state_dict(state, strict=True)
+    if not check_only:
+        task.load_state_dict(state, strict=True)

@@ -22,8 +22,20 @@ def run_app(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """
     try:
         return fn(cfg)
-    except SegvocError as exc:
-        if cfg.get("debug") or os.environ.get("HYDRA_FULL_ERROR") == "1":
+    except Exception as exc:
+        user_error = find_user_error(exc)
+        if user_error is None or cfg.get("debug") or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        print(f"error: {user_error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+def find_user_error(exc: BaseException | None) -> SegvocError | None:
+    """The ``SegvocError`` in an exception's cause chain (Hydra's ``instantiate`` and Lightning wrap them)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, SegvocError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None

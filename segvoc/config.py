@@ -11,6 +11,13 @@ CONF_DIR = REPO_ROOT / "conf"
 
 if not OmegaConf.has_resolver("repo_root"):
     OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
+if not OmegaConf.has_resolver("coalesce"):
+    # first argument that is set: ${coalesce:${resume},<default>}
+    OmegaConf.register_new_resolver(
+        "coalesce", lambda *args: next((a for a in args if a not in (None, "", "null", "None")), None))
+if not OmegaConf.has_resolver("if_set"):
+    # ${if_set:${resume},A,B}: A when the first value is set, else B
+    OmegaConf.register_new_resolver("if_set", lambda v, a, b: a if v not in (None, "", "null", "None") else b)
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:

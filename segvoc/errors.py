@@ -17,3 +17,11 @@ class WeightsError(SegvocError):
 
 class ConfigError(SegvocError):
     """A configuration value that cannot work (wrong combination, bad path)."""
+
+
+class NonFiniteLossError(SegvocError):
+    """The training loss became NaN or infinite."""
+
+
+class InterruptedRun(SegvocError):
+    """Training was stopped by SIGTERM/SIGINT after saving a checkpoint to resume from."""

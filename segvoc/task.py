@@ -15,7 +15,9 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from segvoc.data.palette import VOC_CLASSES
+from segvoc.data.sampling import mix_seed
 from segvoc.data.transforms import Normalize
+from segvoc.errors import NonFiniteLossError
 from segvoc.inference import InferenceConfig, infer
 from segvoc.losses import CrossEntropy
 from segvoc.metrics import ConfusionMatrix, scores_from_confusion
@@ -43,6 +45,7 @@ class SegmentationTask(pl.LightningModule):
         class_names: Sequence[str] = VOC_CLASSES,
         log_images: int = 4,
         inference: InferenceConfig | None = None,
+        seed: int = 0,
         cfg: dict | None = None,
     ) -> None:
         super().__init__()
@@ -55,6 +58,8 @@ class SegmentationTask(pl.LightningModule):
         self.class_names = list(class_names)
         self.log_images = log_images
         self.infer_cfg = inference or InferenceConfig()
+        self.seed = seed
+        self.register_buffer("_first_bad_step", torch.tensor(-1), persistent=False)
         self.normalize = Normalize(mean, std)
         self.confusion = nn.ModuleDict({s: ConfusionMatrix(num_classes) for s in EVAL_SPLITS})
         self.mean_loss = nn.ModuleDict({s: MeanMetric() for s in EVAL_SPLITS})
@@ -79,6 +84,7 @@ class SegmentationTask(pl.LightningModule):
             std=list(cfg.data.std),
             log_images=int(cfg.get("log_images", 4)),
             inference=InferenceConfig(**cfg.infer) if cfg.get("infer") else None,
+            seed=int(cfg.get("seed", 0)),
             cfg=OmegaConf.to_container(cfg, resolve=True),
         )
 
@@ -94,11 +100,36 @@ class SegmentationTask(pl.LightningModule):
         """Evaluation scores for uint8 images under ``self.infer_cfg`` (see ``segvoc.inference.infer``)."""
         return infer(self._logits, self.normalize(images), self.infer_cfg)
 
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        # dropout & co. draw from a generator seeded by (seed, step): a resumed run replays them exactly
+        torch.manual_seed(mix_seed(self.seed, self.global_step))
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self(batch["image"])
         loss = self.criterion(logits, batch["mask"])
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["image"]))
+        # remember the first non-finite step on the device (no per-step host sync); checked before validation
+        bad = ~torch.isfinite(loss.detach())
+        self._first_bad_step = torch.where(bad & (self._first_bad_step < 0),
+                                           torch.as_tensor(self.global_step, device=loss.device), self._first_bad_step)
         return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
+        if (batch_idx + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+            self.check_finite()
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn == "fit":
+            self.check_finite()
+
+    def check_finite(self) -> None:
+        """Stop with ``NonFiniteLossError`` (naming the step) if any loss so far was NaN/inf."""
+        step = int(self._first_bad_step)
+        if step >= 0:
+            raise NonFiniteLossError(
+                f"loss became NaN/inf at step {step}; stopped before saving: the last good checkpoint is "
+                "checkpoints/last.ckpt. Lower optimizer.lr, check the data, or try trainer.gradient_clip_val=1.0"
+            )
 
     def _eval_step(self, batch: dict, split: str, batch_idx: int) -> None:
         scores, are_probs = self.predict_scores(batch["image"])

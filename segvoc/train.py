@@ -13,12 +13,17 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from segvoc import config as _config  # noqa: F401  (registers resolvers before Hydra composes)
+from segvoc.callbacks import AtomicCheckpointIO, PreemptionCheckpoint
+from segvoc.checkpoint import checkpoint_config, load_state, read_checkpoint
 from segvoc.cli import run_app
 from segvoc.data.datamodule import VOCDataModule, build_datamodule
+from segvoc.errors import ConfigError, InterruptedRun
 from segvoc.losses import cached_class_counts, inverse_frequency_weights
 from segvoc.task import SegmentationTask
 from segvoc.utils import write_json
@@ -33,8 +38,6 @@ def class_weights_for(cfg: DictConfig, dm: VOCDataModule) -> list[float] | None:
     if cfg.loss.class_weights in (None, "none"):
         return None
     if cfg.loss.class_weights != "inverse_frequency":
-        from segvoc.errors import ConfigError
-
         raise ConfigError(f"loss.class_weights={cfg.loss.class_weights!r}: use none or inverse_frequency")
     ds = dm.datasets["train"]
     paths = [ds.voc / ds.mask_dir / f"{i}.png" for i in ds.ids]
@@ -44,18 +47,61 @@ def class_weights_for(cfg: DictConfig, dm: VOCDataModule) -> list[float] | None:
     return weights.tolist()
 
 
-def build_trainer(cfg: DictConfig, evaluation: bool = False) -> pl.Trainer:
-    """``pl.Trainer`` from ``cfg.trainer`` with the configured callbacks and loggers.
+def build_trainer(cfg: DictConfig, evaluation: bool = False, purge_step: int | None = None) -> pl.Trainer:
+    """``pl.Trainer`` from ``cfg.trainer`` with the configured callbacks and loggers, atomic checkpoint writes and
+    a checkpoint on SIGTERM/SIGINT.
 
     ``evaluation=True``: no callbacks and no loggers (final scoring must not add points to the training curves).
+    ``purge_step``: TensorBoard drops events at or after this step (a resumed run re-logs them).
     """
     kwargs = dict(cfg.trainer)
     if evaluation:
         kwargs["enable_model_summary"] = False
         return pl.Trainer(callbacks=[], logger=False, **kwargs)
+    out = Path(cfg.paths.output_dir)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg]
-    return pl.Trainer(callbacks=callbacks, logger=loggers or False, **kwargs)
+    callbacks.append(PreemptionCheckpoint(out / "checkpoints", out))
+    loggers = []
+    for lg in (cfg.get("logger") or {}).values():
+        if lg:
+            extra = {"purge_step": purge_step} if purge_step and "TensorBoard" in lg.get("_target_", "") else {}
+            loggers.append(instantiate(lg, **extra))
+    return pl.Trainer(callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
+                      default_root_dir=str(out), **kwargs)
+
+
+def resume_config(cfg: DictConfig) -> DictConfig:
+    """The config of the run in ``cfg.resume`` (stored in its last checkpoint), set to continue from it.
+
+    Dotted overrides given with ``resume=`` (e.g. ``trainer.max_epochs=50``) are applied on top.
+    """
+    run_dir = Path(cfg.resume).expanduser().resolve()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        raise ConfigError(f"resume={run_dir}: no checkpoints/last.ckpt there; pass the run directory of a segvoc run")
+    run_cfg = checkpoint_config(read_checkpoint(last))
+    extra: list[str] = []
+    if HydraConfig.initialized():
+        extra = [o for o in HydraConfig.get().overrides.task if "." in o.split("=", 1)[0]
+                 and not o.startswith(("resume=", "hydra.", "paths."))]
+    run_cfg = OmegaConf.merge(run_cfg, OmegaConf.from_dotlist(extra))
+    with open_dict(run_cfg):
+        run_cfg.paths.output_dir = str(run_dir)
+        run_cfg.ckpt_path = str(last)
+        run_cfg.resume = None
+    return run_cfg
+
+
+def ensure_writable(out: Path) -> None:
+    """Fail before any training when the run directory cannot be written."""
+    try:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        probe = out / "checkpoints" / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{out}: run directory is not writable ({exc.strerror}); "
+                          "set paths.output_root (or SEGVOC_OUTPUTS) to a writable folder") from None
 
 
 def split_scores(task: SegmentationTask, split: str, epoch: int | None) -> dict[str, Any]:
@@ -66,24 +112,41 @@ def split_scores(task: SegmentationTask, split: str, epoch: int | None) -> dict[
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, then validate and test the best checkpoint; returns (and writes) the metrics dict."""
+    if cfg.get("resume"):
+        cfg = resume_config(cfg)
     out = Path(cfg.paths.output_dir)
+    ensure_writable(out)
     pl.seed_everything(int(cfg.seed), workers=True)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
     dm = build_datamodule(cfg, split_dir=out / "splits")
     dm.prepare_data()
     dm.setup("fit")
     task = SegmentationTask.from_config(cfg, class_weights=class_weights_for(cfg, dm))
-    trainer = build_trainer(cfg)
-    trainer.fit(task, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    ckpt_path = cfg.get("ckpt_path")
+    purge_step = None
+    if ckpt_path and Path(ckpt_path).is_file():
+        ckpt = read_checkpoint(ckpt_path)
+        load_state(task, ckpt["state_dict"], ckpt_path, checkpoint_config(ckpt), check_only=True)
+        purge_step = int(ckpt.get("global_step", 0)) or None
+    trainer = build_trainer(cfg, purge_step=purge_step)
+    try:
+        trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        raise InterruptedRun(f"stopped by SIGTERM at step {trainer.global_step}; checkpoint saved; "
+                             f"resume with: python -m segvoc.train resume={out}") from None
 
-    ckpt_cb = trainer.checkpoint_callback
+    ckpt_cb = trainer.checkpoint_callback  # the first one: monitors val/miou
     best = (ckpt_cb.best_model_path if ckpt_cb is not None else "") or None
-    epoch = int(torch.load(best, map_location="cpu", weights_only=True)["epoch"]) if best else trainer.current_epoch
+    epoch = trainer.current_epoch
+    if best:
+        ckpt = read_checkpoint(best)
+        task.load_state_dict(ckpt["state_dict"])
+        epoch = int(ckpt["epoch"])
     metrics: dict[str, Any] = {}
     scorer = build_trainer(cfg, evaluation=True)
     for split in ("val", "test"):
         run = scorer.validate if split == "val" else scorer.test
-        run(task, datamodule=dm, ckpt_path=best, verbose=False)
+        run(task, datamodule=dm, verbose=False)
         metrics[split] = split_scores(task, split, epoch)
     if trainer.is_global_zero:
         write_json(out / "metrics.json", metrics)
