@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segvoc import config as _config  # noqa: F401  (registers resolvers)
@@ -22,7 +21,7 @@ from segvoc.data.datamodule import build_datamodule
 from segvoc.errors import ConfigError
 from segvoc.inference import InferenceConfig
 from segvoc.tables import per_class_table
-from segvoc.train import split_scores
+from segvoc.train import build_trainer, split_scores
 from segvoc.utils import atomic_write_text, write_json
 
 log = logging.getLogger("segvoc.evaluate")
@@ -45,9 +44,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     dm = build_datamodule(run_cfg)
     dm.prepare_data()
     dm.setup("test")
-    trainer = pl.Trainer(logger=False, callbacks=[], enable_model_summary=False, **{
-        k: v for k, v in cfg.trainer.items()
-        if k in ("accelerator", "devices", "num_nodes", "strategy", "precision", "enable_progress_bar")})
+    trainer = build_trainer(cfg, evaluation=True)
     run = trainer.validate if cfg.split == "val" else trainer.test
     run(task, datamodule=dm, verbose=False)
     metrics = {cfg.split: split_scores(task, cfg.split, epoch)}

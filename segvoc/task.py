@@ -22,6 +22,7 @@ from segvoc.inference import InferenceConfig, infer
 from segvoc.losses import CrossEntropy
 from segvoc.metrics import ConfusionMatrix, scores_from_confusion
 from segvoc.models import build_model
+from segvoc.perf import prepare_model
 
 EVAL_SPLITS = ("val", "test")
 
@@ -60,7 +61,7 @@ class SegmentationTask(pl.LightningModule):
         self.infer_cfg = inference or InferenceConfig()
         self.seed = seed
         self.register_buffer("_first_bad_step", torch.tensor(-1), persistent=False)
-        self.normalize = Normalize(mean, std)
+        self.normalize = Normalize(mean, std, channels_last=bool((cfg or {}).get("perf", {}).get("channels_last")))
         self.confusion = nn.ModuleDict({s: ConfusionMatrix(num_classes) for s in EVAL_SPLITS})
         self.mean_loss = nn.ModuleDict({s: MeanMetric() for s in EVAL_SPLITS})
         self.scores: dict[str, dict[str, Any]] = {}
@@ -75,7 +76,7 @@ class SegmentationTask(pl.LightningModule):
                                  weighted=cfg.loss.class_weights not in (None, "none"),
                                  aux_weight=float(cfg.loss.get("aux_weight", 0.5)))
         return cls(
-            model=build_model(cfg.model, num_classes, pretrained=pretrained),
+            model=prepare_model(build_model(cfg.model, num_classes, pretrained=pretrained), cfg.get("perf")),
             criterion=criterion,
             optimizer=cfg.optimizer,
             scheduler=cfg.scheduler,
@@ -156,11 +157,13 @@ class SegmentationTask(pl.LightningModule):
         self.confusion[split].reset()
         self.mean_loss[split].reset()
         self.scores[split] = scores
+        # the scores are already global (the metrics sync across ranks); sync_dist only averages equal values
+        sync = self.trainer.world_size > 1
         for key in ("loss", "miou", "pixel_acc", "mean_class_acc"):
-            self.log(f"{split}/{key}", scores[key], prog_bar=key == "miou")
+            self.log(f"{split}/{key}", scores[key], prog_bar=key == "miou", sync_dist=sync)
         for name, iou in zip(self.class_names, scores["per_class_iou"], strict=False):
             if iou is not None:
-                self.log(f"{split}_iou/{name}", iou)
+                self.log(f"{split}_iou/{name}", iou, sync_dist=sync)
         if split == "val" and not self.trainer.sanity_checking:
             self._log_pictures(scores["confusion"])
         self._samples.clear()

@@ -14,6 +14,7 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -25,6 +26,7 @@ from segvoc.cli import run_app
 from segvoc.data.datamodule import VOCDataModule, build_datamodule
 from segvoc.errors import ConfigError, InterruptedRun
 from segvoc.losses import cached_class_counts, inverse_frequency_weights
+from segvoc.sweep import record_failure
 from segvoc.task import SegmentationTask
 from segvoc.utils import write_json
 
@@ -163,9 +165,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers."""
-    metrics = run_app(train, cfg)
+    """Hydra entry point; returns the val ``cfg.optimized_metric`` for sweepers (Optuna).
+
+    In a multirun a failing job is recorded (``FAILED.json``, summarised at the end) and returns NaN, so the
+    other jobs go on; a single run exits non-zero.
+    """
     key = cfg.get("optimized_metric")
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        try:
+            metrics = train(cfg)
+        except Exception as exc:
+            log.error("job failed: %s: %s", type(exc).__name__, exc)
+            record_failure(Path(HydraConfig.get().runtime.output_dir), exc)
+            return float("nan")
+    else:
+        metrics = run_app(train, cfg)
     return metrics["val"][key] if key else None
 
 

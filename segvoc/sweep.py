@@ -1,0 +1,50 @@
+"""Multirun bookkeeping: failed jobs are recorded instead of ending the sweep, and a summary names them."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from segvoc.utils import write_json
+
+log = logging.getLogger("segvoc.sweep")
+FAILED_MARKER = "FAILED.json"
+
+
+def record_failure(run_dir: Path, exc: BaseException) -> None:
+    """Mark a sweep job's directory as failed, with the one-line reason."""
+    write_json(run_dir / FAILED_MARKER, {"error": f"{type(exc).__name__}: {exc}"})
+
+
+def summarize(sweep_dir: Path) -> dict[str, Any]:
+    """``{"ok": [...], "failed": {job: reason}}`` over the job folders of a sweep (also written to
+    ``sweep_summary.json``)."""
+    ok, failed = [], {}
+    for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if (job / FAILED_MARKER).is_file():
+            failed[job.name] = json.loads((job / FAILED_MARKER).read_text())["error"]
+        elif (job / "metrics.json").is_file():
+            ok.append(job.name)
+        elif (job / ".hydra").is_dir():
+            failed[job.name] = "no metrics.json (killed or still running?)"
+    summary = {"ok": ok, "failed": failed}
+    write_json(sweep_dir / "sweep_summary.json", summary)
+    return summary
+
+
+class SweepSummary(Callback):
+    """Hydra callback: after a multirun, print which jobs finished and which failed (and why)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.is_dir():
+            return
+        s = summarize(sweep_dir)
+        lines = [f"sweep {sweep_dir}: {len(s['ok'])} finished, {len(s['failed'])} failed"]
+        lines += [f"  FAILED {job}: {why}" for job, why in s["failed"].items()]
+        print("\n".join(lines), flush=True)
