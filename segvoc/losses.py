@@ -15,6 +15,7 @@ from torch import nn
 
 from segvoc.data.io import load_mask
 from segvoc.data.palette import IGNORE_INDEX
+from segvoc.utils import atomic_write_text
 
 
 class CrossEntropy(nn.Module):
@@ -77,8 +78,5 @@ def cached_class_counts(mask_paths: Sequence[Path], cache_dir: Path, num_classes
     if cache.is_file():
         return np.array(json.loads(cache.read_text()), dtype=np.int64)
     counts = class_pixel_counts(mask_paths, num_classes)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps(counts.tolist()))
-    tmp.replace(cache)
+    atomic_write_text(cache, json.dumps(counts.tolist()))
     return counts

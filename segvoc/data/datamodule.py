@@ -1,0 +1,136 @@
+"""``VOCDataModule``: VOC 2012 (or the synthetic stand-in) as Lightning train/val/test loaders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from lightning_fabric.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from segvoc.data import synthetic
+from segvoc.data.sampling import EpochShuffleSampler, ShardSampler
+from segvoc.data.transforms import build_pipeline, pad_collate
+from segvoc.data.voc import VOCSegmentation, make_splits, mask_dir_for, resolve_voc_root
+
+
+class VOCDataModule(pl.LightningDataModule):
+    """VOC 2012 in the official layout. ``test`` is a seeded half of the official val list (see ``make_splits``).
+
+    Training samples go through the ``augment.train`` pipeline (fixed-size crops); val/test samples stay at
+    full resolution and are padded per batch (image 0, mask 255) so metrics are computed on original masks.
+    Samplers shard by rank themselves (run with ``use_distributed_sampler=False``): training order depends only on
+    (seed, epoch), and evaluation scores every image exactly once, without DistributedSampler's padding.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        train_split: str = "train",
+        test_fraction: float = 0.5,
+        split_seed: int = 0,
+        subset: int | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int = 1,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+        download: bool = False,
+        augment: DictConfig | None = None,
+        synthetic_cfg: DictConfig | dict | None = None,
+        split_dir: str | None = None,
+        seed: int = 0,
+        **_: Any,
+    ) -> None:
+        super().__init__()
+        self.root = root
+        self.train_split = train_split
+        self.test_fraction = test_fraction
+        self.split_seed = split_seed
+        self.subset = subset
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.download = download
+        self.augment = augment or {}
+        self.synthetic_cfg = synthetic_cfg
+        self.split_dir = split_dir
+        self.seed = seed
+        self.voc: Path | None = None
+        self.splits: dict[str, list[str]] = {}
+        self.datasets: dict[str, VOCSegmentation] = {}
+
+    def prepare_data(self) -> None:
+        """Generate the synthetic tree, or download VOC when asked (rank 0 only under DDP)."""
+        if self.synthetic_cfg is not None:
+            synthetic.generate(self.root, **dict(self.synthetic_cfg))
+        else:
+            resolve_voc_root(self.root, download=self.download)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Resolve the tree, make the splits (cheap existence checks) and build the datasets."""
+        if self.datasets:
+            return
+        if self.synthetic_cfg is not None:
+            self.prepare_data()  # idempotent; needed when setup() is called without prepare_data()
+        self.voc = resolve_voc_root(self.root)
+        self.splits = make_splits(self.voc, self.train_split, self.test_fraction, self.split_seed, self.subset)
+        train_tf = build_pipeline(self.augment.get("train"))
+        eval_tf = build_pipeline(self.augment.get("eval"))
+        self.datasets = {
+            "train": VOCSegmentation(self.voc, self.splits["train"], mask_dir_for(self.voc, self.train_split),
+                                     train_tf, seed=self.seed),
+            "val": VOCSegmentation(self.voc, self.splits["val"], transform=eval_tf),
+            "test": VOCSegmentation(self.voc, self.splits["test"], transform=eval_tf),
+        }
+        if self.split_dir and rank_zero_only.rank == 0:
+            self.write_splits(Path(self.split_dir))
+
+    def write_splits(self, out: Path) -> None:
+        """Write the id lists actually used, one file per split, for provenance."""
+        out.mkdir(parents=True, exist_ok=True)
+        for name, ids in self.splits.items():
+            (out / f"{name}.txt").write_text("\n".join(ids) + "\n")
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
+        n = len(self.datasets[split])
+        rank, world = self._rank_world()
+        sampler = EpochShuffleSampler(n, self.seed, rank, world) if shuffle else ShardSampler(n, rank, world)
+        return DataLoader(
+            self.datasets[split],
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=pad_collate,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world()
+        per_rank = -(-len(self.datasets["train"]) // world)
+        return self._loader("train", self.batch_size, shuffle=True, drop_last=per_rank > self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, shuffle=False)
+
+
+def build_datamodule(cfg: DictConfig, split_dir: str | Path | None = None) -> VOCDataModule:
+    """The DataModule for a composed run config (``cfg.data`` + ``cfg.augment``)."""
+    d = cfg.data
+    return VOCDataModule(
+        root=d.root, train_split=d.train_split, test_fraction=d.test_fraction, split_seed=d.split_seed,
+        subset=d.subset, batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, num_workers=d.num_workers,
+        pin_memory=d.pin_memory, download=d.download, augment=cfg.augment, synthetic_cfg=d.get("synthetic"),
+        split_dir=str(split_dir) if split_dir else None, seed=int(cfg.get("seed", 0)),
+    )

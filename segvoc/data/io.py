@@ -1,0 +1,74 @@
+"""Reading VOC images and masks from disk; every problem becomes a one-line ``DatasetError``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from segvoc.data.palette import IGNORE_INDEX, palette_bytes, rgb_to_index
+from segvoc.errors import DatasetError
+
+NUM_VOC_CLASSES = 21
+_VALID_LABELS = np.zeros(256, dtype=bool)
+_VALID_LABELS[:NUM_VOC_CLASSES] = True
+_VALID_LABELS[IGNORE_INDEX] = True
+
+cv2.setNumThreads(1)  # decoding runs inside DataLoader workers; one thread each avoids oversubscription
+
+
+def load_image(path: Path) -> np.ndarray:
+    """Decode an image file to RGB uint8 (H, W, 3); EXIF orientation is applied."""
+    data = np.fromfile(str(path), dtype=np.uint8) if Path(path).is_file() else None
+    if data is None:
+        raise DatasetError(f"{path}: image file is missing; restore it or remove its id from the split list")
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if img is None:
+        raise DatasetError(f"{path}: cannot decode image (corrupt or not an image); re-extract or replace it")
+    if path.suffix.lower() in (".jpg", ".jpeg") and not data[-2:].tobytes() == b"\xff\xd9":
+        raise DatasetError(f"{path}: JPEG is truncated (no end-of-image marker); re-extract or replace it")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def load_mask(path: Path) -> np.ndarray:
+    """Read a VOC mask as class indices uint8 (H, W): 0..20, 255 = ignore.
+
+    Palette ('P') and grayscale ('L', e.g. SBD ``SegmentationClassAug``) PNGs hold indices directly;
+    an RGB mask is converted with the VOC colour map when every colour in it is a VOC colour.
+    """
+    if not Path(path).is_file():
+        raise DatasetError(f"{path}: mask file is missing; restore it or remove its id from the split list")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            arr = np.array(im)
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DatasetError(f"{path}: cannot read mask ({exc}); re-extract or replace it") from None
+    if mode in ("RGB", "RGBA"):
+        idx = rgb_to_index(arr[..., :3])
+        if idx is None:
+            raise DatasetError(
+                f"{path}: mask is an RGB image with colours outside the VOC palette; "
+                "save masks as palette PNGs of class indices 0-20 (255 = ignore)"
+            )
+        return idx
+    if mode not in ("P", "L"):
+        raise DatasetError(f"{path}: mask mode {mode!r} is not supported; save it as a palette or 8-bit PNG")
+    arr = np.ascontiguousarray(arr, dtype=np.uint8)
+    bad = ~_VALID_LABELS[arr]
+    if bad.any():
+        vals = sorted({int(v) for v in np.unique(arr[bad])})[:8]
+        raise DatasetError(
+            f"{path}: mask has values {vals} outside 0-20 and 255; fix the mask or map those labels to 255 (ignore)"
+        )
+    return arr
+
+
+def save_palette_mask(mask: np.ndarray, path: Path) -> None:
+    """Write a class-index mask (H, W uint8) as a VOC palette PNG."""
+    im = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8))
+    im.putpalette(palette_bytes())
+    im.save(path)

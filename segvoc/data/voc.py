@@ -1,0 +1,184 @@
+"""The PASCAL VOC 2012 folder layout: locating it, reading split lists, and the Dataset of image/mask pairs."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from segvoc.data.io import load_image, load_mask
+from segvoc.data.sampling import mix_seed
+from segvoc.errors import DatasetError
+
+REQUIRED_DIRS = ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation")
+AUG_MASK_DIR = "SegmentationClassAug"
+
+
+def resolve_voc_root(root: str | Path, download: bool = False) -> Path:
+    """Find ``VOC2012/`` given it, its ``VOCdevkit/`` parent, or the folder holding ``VOCdevkit/``.
+
+    With ``download=True`` a missing tree is fetched with torchvision's VOC downloader.
+    """
+    root = Path(root).expanduser()
+    for cand in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"):
+        if (cand / "JPEGImages").is_dir():
+            check_layout(cand)
+            return cand
+    if download:
+        _download_voc(root)
+        return resolve_voc_root(root, download=False)
+    if root.exists():
+        check_layout(root / "VOCdevkit" / "VOC2012" if (root / "VOCdevkit").exists() else root)
+    raise DatasetError(
+        f"VOC 2012 not found at {root} (expected {root}/VOCdevkit/VOC2012/JPEGImages); "
+        "set data.root=<folder holding VOCdevkit> or pass data.download=true when online"
+    )
+
+
+def check_layout(voc: Path) -> None:
+    """Raise a ``DatasetError`` naming the first sub-folder of the official layout that is missing."""
+    if not voc.is_dir():
+        raise DatasetError(f"{voc}: folder does not exist; set data.root to the folder holding VOCdevkit")
+    missing = [d for d in REQUIRED_DIRS if not (voc / d).is_dir()]
+    if missing:
+        raise DatasetError(
+            f"{voc}: missing {', '.join(missing)} (half-extracted?); re-extract VOCtrainval_11-May-2012.tar "
+            "or pass data.download=true"
+        )
+
+
+def _download_voc(root: Path) -> None:
+    from torchvision.datasets import VOCSegmentation
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        VOCSegmentation(str(root), year="2012", image_set="trainval", download=True)
+    except Exception as exc:  # network errors come in many types; all have the same fix
+        raise DatasetError(
+            f"could not download VOC 2012 into {root} ({type(exc).__name__}: {str(exc)[:120]}); "
+            "download VOCtrainval_11-May-2012.tar by hand, extract it there, and set data.root"
+        ) from None
+
+
+def read_id_list(path: Path) -> list[str]:
+    """Read a split file (one id per line); empty or missing files are a ``DatasetError``."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: split list is missing; restore it or choose another data.train_split")
+    ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise DatasetError(f"{path}: split list is empty; restore it from the VOC devkit")
+    return ids
+
+
+def check_ids(voc: Path, ids: Sequence[str], mask_dir: str, split_file: Path) -> None:
+    """Check (cheaply: existence only) that every id has an image and a mask."""
+    missing = [
+        i for i in ids
+        if not (voc / "JPEGImages" / f"{i}.jpg").is_file() or not (voc / mask_dir / f"{i}.png").is_file()
+    ]
+    if missing:
+        shown = ", ".join(missing[:5])
+        raise DatasetError(
+            f"{split_file}: {len(missing)} of {len(ids)} ids have no image or mask under {voc} "
+            f"(first: {shown}); re-extract the dataset or remove them from the list"
+        )
+
+
+def make_splits(
+    voc: Path,
+    train_split: str = "train",
+    test_fraction: float = 0.5,
+    split_seed: int = 0,
+    subset: int | None = None,
+) -> dict[str, list[str]]:
+    """Return ids for train/val/test.
+
+    VOC's test masks are not public, so ``test`` is a seeded ``test_fraction`` of the official val list
+    and ``val`` the rest. ``subset`` keeps the first N ids of each split.
+    """
+    sets = voc / "ImageSets" / "Segmentation"
+    train_ids = read_id_list(sets / f"{train_split}.txt")
+    official_val = read_id_list(sets / "val.txt")
+    shuffled = sorted(official_val)
+    random.Random(split_seed).shuffle(shuffled)
+    n_test = int(round(len(shuffled) * test_fraction))
+    splits = {"train": train_ids, "val": sorted(shuffled[n_test:]), "test": sorted(shuffled[:n_test])}
+    if train_split != "train":
+        overlap = set(train_ids) & set(official_val)
+        if overlap:
+            raise DatasetError(f"{sets}/{train_split}.txt shares {len(overlap)} ids with val.txt; remove them")
+    if subset:
+        splits = {k: v[:subset] for k, v in splits.items()}
+    for name, ids in splits.items():
+        if not ids and not (name == "test" and test_fraction == 0):
+            raise DatasetError(f"{sets}: split {name!r} is empty; check data.test_fraction and data.subset")
+        src = sets / (f"{train_split}.txt" if name == "train" else "val.txt")
+        check_ids(voc, ids, mask_dir_for(voc, train_split) if name == "train" else "SegmentationClass", src)
+    return splits
+
+
+def mask_dir_for(voc: Path, train_split: str) -> str:
+    """``SegmentationClassAug`` for SBD's ``train_aug`` split, ``SegmentationClass`` otherwise."""
+    if train_split == "train_aug":
+        if not (voc / AUG_MASK_DIR).is_dir():
+            raise DatasetError(
+                f"{voc}/{AUG_MASK_DIR} is missing; data.train_split=train_aug needs the SBD masks there "
+                "(or use data.train_split=train)"
+            )
+        return AUG_MASK_DIR
+    return "SegmentationClass"
+
+
+class VOCSegmentation(Dataset):
+    """Image/mask pairs of one split. Items: ``{"image": uint8 (3,H,W), "mask": uint8 (H,W), "id": str}``."""
+
+    def __init__(
+        self,
+        voc: Path,
+        ids: Sequence[str],
+        mask_dir: str = "SegmentationClass",
+        transform: Callable[..., dict] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.voc = Path(voc)
+        self.ids = list(ids)
+        self.mask_dir = mask_dir
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Raw RGB image and index mask of one id, after checking they match in size."""
+        i = self.ids[index]
+        image = load_image(self.voc / "JPEGImages" / f"{i}.jpg")
+        mask_path = self.voc / self.mask_dir / f"{i}.png"
+        mask = load_mask(mask_path)
+        if image.shape[:2] != mask.shape:
+            raise DatasetError(
+                f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                f"{image.shape[1]}x{image.shape[0]}; the pair must have the same size"
+            )
+        return image, mask
+
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        """Item ``index``; ``(epoch, index)`` also seeds the augmentation from (seed, epoch, index)."""
+        epoch = 0
+        if isinstance(index, tuple):
+            epoch, index = index
+        image, mask = self.load(index)
+        if self.transform is not None:
+            if hasattr(self.transform, "set_random_seed"):
+                self.transform.set_random_seed(mix_seed(self.seed, epoch, index) % (2**32))
+            out = self.transform(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "mask": torch.from_numpy(np.ascontiguousarray(mask)),
+            "id": self.ids[index],
+        }
