@@ -63,8 +63,9 @@ def check(cfg: DictConfig) -> dict[str, Any]:
         shown = problems[: int(cfg.max_problems)]
         print(f"{len(problems)} problem(s):\n  " + "\n  ".join(shown))
         more = len(problems) - len(shown)
-        raise DatasetError(f"{report['root']}: {len(problems)} bad image/mask pair(s)"
-                           + (f" ({more} not listed)" if more > 0 else "") + "; fix or remove them from the split lists")
+        listed = f" ({more} not listed)" if more > 0 else ""
+        raise DatasetError(f"{report['root']}: {len(problems)} bad image/mask pair(s){listed}; "
+                           "fix them or remove their ids from the split lists")
     print("no problems found")
     return report
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
 from segvoc.data.io import save_palette_mask
 from segvoc.data.palette import IGNORE_INDEX
 
