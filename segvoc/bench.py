@@ -52,7 +52,8 @@ def _cfg(model: str, args: argparse.Namespace, out: Path) -> Any:
           f"trainer.precision={args.precision}", "trainer.enable_progress_bar=false", "trainer.max_epochs=1",
           "trainer.num_sanity_val_steps=0", "trainer.enable_model_summary=false",
           f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
-          f"perf.channels_last={str(args.channels_last).lower()}", f"perf.compile={str(args.compile).lower()}"]
+          *(f"perf.{k}={str(v).lower()}" for k, v in (("channels_last", args.channels_last),
+                                                       ("compile", args.compile)) if v is not None)]
     if model in ("resnet34_transfer", *REFERENCE_MODELS):
         ov.append("model.weights=none")
     return compose(ov)
@@ -75,7 +76,7 @@ def plain_train(cfg: Any, args: argparse.Namespace, size: int, device: torch.dev
     crit = CrossEntropy(21).to(device)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     x, y = _batch(args, size, device)
-    cl = torch.channels_last if args.channels_last else torch.contiguous_format
+    cl = torch.channels_last if cfg.perf.channels_last else torch.contiguous_format
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -190,7 +191,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                               "torch": torch.__version__, "threads": torch.get_num_threads(), "image_size":
                               args.image_size, "batch_size": args.batch_size, "precision": args.precision,
-                              "channels_last": args.channels_last, "compile": args.compile,
+                              "channels_last": args.channels_last, "compile": args.compile,  # None = config
                               "models": {}, "scaling": {}}
     for name in args.models:
         cfg = _cfg(name, args, out / name)
@@ -243,8 +244,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (default: 1 on CPU, 5 on CUDA)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC memory format (default: conf/perf/default.yaml)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: conf/perf/default.yaml)")
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="sizes for the scaling table")
     p.add_argument("--workers", type=int, default=None, help="loader workers (default: data.num_workers)")
     p.add_argument("--loader-batches", type=int, default=30)
