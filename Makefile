@@ -37,7 +37,7 @@ bench: install  ## CPU speed benchmark (segvoc.bench)
 	$(PY) -m segvoc.bench
 
 tensorboard: install
-	$(VENV)/bin/tensorboard --logdir outputs --bind_all
+	$(VENV)/bin/tensorboard --logdir outputs
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

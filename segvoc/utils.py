@@ -6,8 +6,9 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 def _clean(obj: Any) -> Any:
@@ -20,20 +21,26 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder + rename: never a truncated file."""
+def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = False) -> None:
+    """Call ``write(file)`` on a temp file beside ``path``, fsync, then rename over ``path``: a crash mid-write
+    never leaves a truncated file, and readers see the old or the new content, nothing in between."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Atomically write ``text`` to ``path`` (see ``atomic_write``)."""
+    atomic_write(path, lambda f: f.write(text))
 
 
 def write_json(path: Path, obj: Any) -> None:
