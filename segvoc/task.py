@@ -47,6 +47,7 @@ class SegmentationTask(pl.LightningModule):
         log_images: int = 4,
         inference: InferenceConfig | None = None,
         seed: int = 0,
+        channels_last: bool = False,
         cfg: dict | None = None,
     ) -> None:
         super().__init__()
@@ -61,7 +62,7 @@ class SegmentationTask(pl.LightningModule):
         self.infer_cfg = inference or InferenceConfig()
         self.seed = seed
         self.register_buffer("_first_bad_step", torch.tensor(-1), persistent=False)
-        self.normalize = Normalize(mean, std, channels_last=bool((cfg or {}).get("perf", {}).get("channels_last")))
+        self.normalize = Normalize(mean, std, channels_last=channels_last)
         self.confusion = nn.ModuleDict({s: ConfusionMatrix(num_classes) for s in EVAL_SPLITS})
         self.mean_loss = nn.ModuleDict({s: MeanMetric() for s in EVAL_SPLITS})
         self.scores: dict[str, dict[str, Any]] = {}
@@ -86,6 +87,7 @@ class SegmentationTask(pl.LightningModule):
             log_images=int(cfg.get("log_images", 4)),
             inference=InferenceConfig(**cfg.infer) if cfg.get("infer") else None,
             seed=int(cfg.get("seed", 0)),
+            channels_last=bool((cfg.get("perf") or {}).get("channels_last", False)),
             cfg=OmegaConf.to_container(cfg, resolve=True),
         )
 
