@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -115,27 +116,22 @@ def plain_train(cfg: Any, args: argparse.Namespace, size: int, device: torch.dev
             "eval_gflop_per_img": eval_flop.get_total_flops() / args.batch_size / 1e9}
 
 
-class _StepTimer:
-    """Times training steps ``warmup .. warmup+steps-1`` inside ``Trainer.fit``."""
+class StepTimer(Callback):
+    """Times training steps ``warmup .. warmup+steps-1`` inside ``Trainer.fit`` (device-synchronised)."""
 
-    def __new__(cls, warmup: int, steps: int, device: torch.device):
-        from pytorch_lightning.callbacks import Callback
+    def __init__(self, warmup: int, steps: int, device: torch.device) -> None:
+        self.warmup, self.steps, self.device = warmup, steps, device
+        self.t0 = self.t1 = 0.0
 
-        class StepTimer(Callback):
-            def __init__(self) -> None:
-                self.t0 = self.t1 = 0.0
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if batch_idx == self.warmup:
+            _sync(self.device)
+            self.t0 = time.perf_counter()
 
-            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-                if batch_idx == warmup:
-                    _sync(device)
-                    self.t0 = time.perf_counter()
-
-            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-                if batch_idx == warmup + steps - 1:
-                    _sync(device)
-                    self.t1 = time.perf_counter()
-
-        return StepTimer()
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if batch_idx == self.warmup + self.steps - 1:
+            _sync(self.device)
+            self.t1 = time.perf_counter()
 
 
 def _repeat(batch: dict, n: int) -> DataLoader:
@@ -153,7 +149,7 @@ def task_train(cfg: Any, args: argparse.Namespace, size: int, device: torch.devi
     val = {"image": x[:1, :, :32, :32], "mask": y[:1, :32, :32], "id": ["bench"]}
     task = SegmentationTask.from_config(cfg, pretrained=False)
     trainer = build_trainer(cfg)
-    timer = _StepTimer(args.warmup, args.steps, device)
+    timer = StepTimer(args.warmup, args.steps, device)
     trainer.callbacks.append(timer)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -38,9 +38,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     with open_dict(run_cfg):
         if cfg.data_root:
             run_cfg.data.root = cfg.data_root
+            run_cfg.data.synthetic = None  # score the given tree as it is, never regenerate it
         if cfg.num_workers is not None:
             run_cfg.data.num_workers = cfg.num_workers
-        run_cfg.data.synthetic = run_cfg.data.get("synthetic") if not cfg.data_root else None
     dm = build_datamodule(run_cfg)
     dm.prepare_data()
     dm.setup("test")

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from segvoc.errors import ConfigError
+
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -29,17 +31,9 @@ class InferenceConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in ("whole", "slide", "auto"):
-            from segvoc.errors import ConfigError
-
             raise ConfigError(f"infer.mode={self.mode!r}: use whole, slide or auto")
         if self.tta not in ("none", "flip", "ms_flip"):
-            from segvoc.errors import ConfigError
-
             raise ConfigError(f"tta={self.tta!r}: use none, flip or ms_flip")
-
-    @property
-    def single_pass(self) -> bool:
-        return self.tta == "none"
 
 
 def slide_logits(forward: Forward, x: torch.Tensor, window: int, stride: int) -> torch.Tensor:
@@ -77,7 +71,7 @@ def single_pass(forward: Forward, x: torch.Tensor, cfg: InferenceConfig) -> torc
 def infer(forward: Forward, x: torch.Tensor, cfg: InferenceConfig) -> tuple[torch.Tensor, bool]:
     """Scores for a normalised batch ``x`` (N,3,H,W): ``(logits, False)`` for a single pass, else
     ``(mean softmax probabilities, True)`` over flips and scales."""
-    if cfg.single_pass:
+    if cfg.tta == "none":
         return single_pass(forward, x, cfg), False
     h, w = x.shape[-2:]
     scales = cfg.scales if cfg.tta == "ms_flip" else (1.0,)

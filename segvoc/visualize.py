@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from segvoc.data.palette import IGNORE_INDEX, VOC_CLASSES, VOC_COLORMAP, colorize  # noqa: E402
+from segvoc.data.palette import IGNORE_INDEX, VOC_CLASSES, colorize  # noqa: E402
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
@@ -67,9 +67,3 @@ def confusion_figure(matrix: np.ndarray, class_names: Sequence[str] = VOC_CLASSE
     fig.tight_layout()
     return fig
 
-
-def legend_patches(classes: Sequence[int]) -> list:
-    """Matplotlib legend handles for the given class indices in VOC colours."""
-    from matplotlib.patches import Patch
-
-    return [Patch(color=VOC_COLORMAP[c] / 255.0, label=VOC_CLASSES[c]) for c in classes]
