@@ -17,7 +17,7 @@ from torchmetrics import MeanMetric
 from segvoc.data.palette import VOC_CLASSES
 from segvoc.data.sampling import mix_seed
 from segvoc.data.transforms import Normalize
-from segvoc.errors import NonFiniteLossError
+from segvoc.errors import ConfigError, NonFiniteLossError
 from segvoc.inference import InferenceConfig, infer
 from segvoc.losses import CrossEntropy
 from segvoc.metrics import ConfusionMatrix, scores_from_confusion
@@ -67,6 +67,7 @@ class SegmentationTask(pl.LightningModule):
         self.mean_loss = nn.ModuleDict({s: MeanMetric() for s in EVAL_SPLITS})
         self.scores: dict[str, dict[str, Any]] = {}
         self._samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._feature_cache: dict[str, torch.Tensor] = {}
 
     @classmethod
     def from_config(cls, cfg: DictConfig, class_weights: Sequence[float] | None = None,
@@ -108,7 +109,10 @@ class SegmentationTask(pl.LightningModule):
         torch.manual_seed(mix_seed(self.seed, self.global_step))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits = self(batch["image"])
+        if getattr(self.model, "cache_features", False):
+            logits = self._logits_from_cached_features(batch)
+        else:
+            logits = self(batch["image"])
         loss = self.criterion(logits, batch["mask"])
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["image"]))
         # remember the first non-finite step on the device (no per-step host sync); checked before validation
@@ -116,6 +120,21 @@ class SegmentationTask(pl.LightningModule):
         self._first_bad_step = torch.where(bad & (self._first_bad_step < 0),
                                            torch.as_tensor(self.global_step, device=loss.device), self._first_bad_step)
         return loss
+
+    def _logits_from_cached_features(self, batch: dict) -> torch.Tensor:
+        """Frozen-encoder fast path (``model.cache_features``): encode each training image once, then train the
+        decoder from the cached features. Valid only when the training pipeline is deterministic (augment=none)."""
+        images = batch["image"]
+        h, w = images.shape[-2:]
+        if h % self.model.size_divisor or w % self.model.size_divisor:
+            raise ConfigError(f"model.cache_features needs training crops divisible by {self.model.size_divisor}; "
+                              f"got {h}x{w}: set data.image_size accordingly")
+        missing = [k for k, i in enumerate(batch["id"]) if i not in self._feature_cache]
+        if missing:
+            feats = self.model.encode(self.normalize(images[missing]))
+            for k, f in zip(missing, feats, strict=True):
+                self._feature_cache[batch["id"][k]] = f
+        return self.model.decode(torch.stack([self._feature_cache[i] for i in batch["id"]]))
 
     def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
         if (batch_idx + 1) % max(1, self.trainer.log_every_n_steps) == 0:

@@ -120,6 +120,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ensure_writable(out)
     pl.seed_everything(int(cfg.seed), workers=True)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
+    if cfg.model.get("cache_features") and cfg.augment.get("train") and cfg.augment.name != "none":
+        raise ConfigError(f"model.cache_features=true needs deterministic training inputs, but augment="
+                          f"{cfg.augment.name} is random; use augment=none or model.cache_features=false")
     dm = build_datamodule(cfg, split_dir=out / "splits")
     dm.prepare_data()
     dm.setup("fit")

@@ -146,3 +146,42 @@ def test_imagenet_weights_offline_error(tmp_path, monkeypatch):
     with pytest.raises(WeightsError) as err:
         ResNet34Transfer(weights="imagenet")
     assert "model.weights=" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cached_features_train_the_decoder_without_re_encoding():
+    from segvoc.losses import CrossEntropy
+    from segvoc.task import SegmentationTask
+
+    torch.manual_seed(0)
+    model = ResNet34Transfer(weights="none", cache_features=True)
+    task = SegmentationTask(model, CrossEntropy(21), optimizer={"_target_": "torch.optim.Adam"}).train()
+    calls = []
+    model.encoder.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    batch = {"image": torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8),
+             "mask": torch.randint(0, 21, (2, 64, 64), dtype=torch.uint8), "id": ["a", "b"]}
+    cached = task._logits_from_cached_features(batch)
+    again = task._logits_from_cached_features(batch)
+    assert calls == [2]  # encoded once, reused on the second step
+    direct = task(batch["image"])
+    assert torch.allclose(cached, direct, atol=1e-5) and torch.allclose(again, direct, atol=1e-5)
+    calls.clear()
+    task._logits_from_cached_features({**batch, "id": ["a", "c"]})
+    assert calls == [1]  # only the new image is encoded
+
+
+def test_cached_features_refuse_random_augmentation(smoke_cfg):
+    from segvoc.errors import ConfigError
+    from segvoc.train import train
+
+    cfg = smoke_cfg("model=resnet34_transfer", "model.weights=none", "model.cache_features=true", "augment=report")
+    with pytest.raises(ConfigError, match="augment=report is random"):
+        train(cfg)
+
+
+def test_cached_features_smoke_run(smoke_cfg, tmp_path):
+    from segvoc.train import train
+
+    cfg = smoke_cfg("model=resnet34_transfer", "model.weights=none", "model.cache_features=true", "augment=none",
+                    "data.subset=4", "trainer.max_epochs=2")
+    metrics = train(cfg)
+    assert 0 <= metrics["test"]["miou"] <= 1

@@ -28,10 +28,12 @@ class ResNet34Transfer(SegmentationModel):
     size_divisor = 32
 
     def __init__(self, num_classes: int = 21, weights: str = "imagenet", freeze_encoder: bool = True,
-                 decoder_channels: Sequence[int] = (512, 256, 128, 64, 32)) -> None:
+                 decoder_channels: Sequence[int] = (512, 256, 128, 64, 32), cache_features: bool = False) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.freeze_encoder = freeze_encoder
+        # frozen encoder + deterministic training inputs: the task may reuse each image's features every epoch
+        self.cache_features = cache_features and freeze_encoder
         backbone = resnet34()
         state = load_backbone_state(weights, "resnet34")
         if state is None:
@@ -63,5 +65,9 @@ class ResNet34Transfer(SegmentationModel):
                 return self.encoder(x)
         return self.encoder(x)
 
+    def decode(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits at 32x the features' size (decoder + classifier)."""
+        return self.classifier(self.decoder(features))
+
     def segment(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.decoder(self.encode(x)))
+        return self.decode(self.encode(x))
