@@ -156,9 +156,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         write_json(out / "metrics.json", metrics)
         write_json(out / "confusion.json", {s: task.scores[s]["confusion"].tolist() for s in ("val", "test")})
+        final = {"hp/val_miou": metrics["val"]["miou"], "hp/test_miou": metrics["test"]["miou"]}
         for lg in trainer.loggers:
-            lg.log_metrics({"hp/val_miou": metrics["val"]["miou"], "hp/test_miou": metrics["test"]["miou"]},
-                           step=trainer.global_step)
+            lg.log_hyperparams(task.hparams.get("cfg", {}), final)  # TensorBoard's HPARAMS tab: config + result
             lg.finalize("success")
         log.info("val mIoU %.4f pixel acc %.4f | test mIoU %.4f pixel acc %.4f | %s",
                  metrics["val"]["miou"], metrics["val"]["pixel_acc"], metrics["test"]["miou"],

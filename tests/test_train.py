@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -45,8 +46,26 @@ def test_preset_smoke_fit_and_test(preset, smoke_cfg, resnet_weights, tmp_path):
         assert 0.0 <= on_disk[split]["pixel_acc"] <= 1.0
         assert on_disk[split]["miou"] == pytest.approx(metrics[split]["miou"])
     assert (tmp_path / "checkpoints" / "best.ckpt").is_file() and (tmp_path / "checkpoints" / "last.ckpt").is_file()
-    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert (tmp_path / "splits" / "test.txt").is_file()
+    assert_tensorboard_contents(tmp_path / "tb")
+
+
+def assert_tensorboard_contents(tb: Path) -> None:
+    """Scalars, the prediction grid, the confusion figure and an HPARAMS entry with the final result."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars, images, hparams = set(), set(), False
+    for f in tb.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(f))
+        acc.Reload()
+        scalars |= set(acc.Tags()["scalars"])
+        images |= set(acc.Tags()["images"])
+        with contextlib.suppress(KeyError):  # files without an hparams session
+            hparams |= "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
+    assert {"train/loss_step", "val/loss", "val/miou", "val/pixel_acc", "val/mean_class_acc", "hp/test_miou"} <= scalars
+    assert any(t.startswith("val_iou/") for t in scalars) and any(t.startswith("lr-") for t in scalars)
+    assert {"val/predictions", "val/confusion_matrix"} <= images
+    assert hparams
 
 
 def test_seeded_runs_are_reproducible(smoke_cfg, tmp_path):
