@@ -161,3 +161,20 @@ def test_unwritable_output_path_fails_before_training(smoke_cfg, tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(ConfigError, match="not writable"):
         train(smoke_cfg(f"paths.output_dir={blocker / 'run'}"))
+
+
+def test_ctrl_c_saves_checkpoint_and_says_how_to_resume(tmp_path, synthetic_root):
+    run = tmp_path / "o" / "run"
+    proc = subprocess.Popen(_train_cmd(synthetic_root, tmp_path / "o", "trainer.max_epochs=50"), cwd=REPO_ROOT,
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "last.ckpt").is_file():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "interrupted at step" in err and f"resume={run}" in err
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] > 0
