@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +26,43 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class PreemptionCheckpoint(Callback):
-    """On SIGTERM (pre-emption) or Ctrl-C: save ``checkpoints/last.ckpt`` and say how to resume, in one line."""
+    """On SIGTERM (pre-emption) or Ctrl-C: save ``checkpoints/last.ckpt`` and say how to resume, in one line.
+
+    Both signals only set a flag; the run stops at the next batch boundary, so a signal never lands in the
+    middle of a checkpoint write. (Lightning does this for SIGTERM; this callback does it for SIGINT.) A second
+    Ctrl-C interrupts at once.
+    """
 
     def __init__(self, dirpath: str | Path, run_dir: str | Path) -> None:
         self.dirpath = Path(dirpath)
         self.run_dir = Path(run_dir)
         self.saved: Path | None = None
+        self._sigint_requested = False
+        self._previous_handler: Any = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self._sigint_requested = True
+        signal.signal(signal.SIGINT, self._previous_handler or signal.default_int_handler)
+
+    def _stop_if_requested(self) -> None:
+        if self._sigint_requested:
+            self._sigint_requested = False
+            raise KeyboardInterrupt
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._stop_if_requested()
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._stop_if_requested()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._previous_handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException | KeyboardInterrupt):
