@@ -21,6 +21,7 @@ import resource
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,18 @@ def _batch(args: argparse.Namespace, size: int, device: torch.device) -> tuple[t
     return x.to(device), y.to(device)
 
 
+def _seconds_per_step(step: Callable[[], None], warmup: int, steps: int, device: torch.device) -> float:
+    """Mean wall time of ``steps`` calls of ``step`` after ``warmup`` untimed calls (device-synchronised)."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
 def plain_train(cfg: Any, args: argparse.Namespace, size: int, device: torch.device) -> dict[str, float]:
     """img/s of a minimal hand-written loop, plus eval img/s and FLOPs of one training step."""
     from segvoc.data.transforms import Normalize
@@ -79,42 +92,24 @@ def plain_train(cfg: Any, args: argparse.Namespace, size: int, device: torch.dev
     x, y = _batch(args, size, device)
     cl = torch.channels_last if cfg.perf.channels_last else torch.contiguous_format
 
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with _autocast(device, args.precision):
-            loss = crit(model(norm(x).contiguous(memory_format=cl)), y)
-        loss.backward()
-        opt.step()
+    def make_step(logits: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            with _autocast(device, args.precision):
+                loss = crit(logits(), y)
+            loss.backward()
+            opt.step()
 
-    for _ in range(args.warmup):
-        step()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    _sync(device)
-    train_s = (time.perf_counter() - t0) / args.steps
+        return step
 
+    step = make_step(lambda: model(norm(x).contiguous(memory_format=cl)))
+    train_s = _seconds_per_step(step, args.warmup, args.steps, device)
     cached_s = None
     if getattr(model, "freeze_encoder", False) and hasattr(model, "decode"):
         # model.cache_features: the decoder trains from features computed once per image
         with _autocast(device, args.precision):
             feats = model.encode(norm(x).contiguous(memory_format=cl))
-
-        def cached_step() -> None:
-            opt.zero_grad(set_to_none=True)
-            with _autocast(device, args.precision):
-                loss = crit(model.decode(feats), y)
-            loss.backward()
-            opt.step()
-
-        cached_step()
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            cached_step()
-        _sync(device)
-        cached_s = (time.perf_counter() - t0) / args.steps
+        cached_s = _seconds_per_step(make_step(lambda: model.decode(feats)), 1, args.steps, device)
 
     flop = FlopCounterMode(display=False)
     with flop:

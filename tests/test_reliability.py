@@ -68,14 +68,20 @@ def test_sigkill_mid_run_then_resume_gives_identical_metrics(tmp_path, synthetic
     assert len(read_scalars(run, ["val/loss"])["val/loss"]) == 4
 
 
-def test_sigterm_saves_checkpoint_and_exits_nonzero_with_resume_hint(tmp_path, synthetic_root):
-    run = tmp_path / "o" / "run"
-    proc = subprocess.Popen(_train_cmd(synthetic_root, tmp_path / "o", "trainer.max_epochs=50"), cwd=REPO_ROOT,
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def _start_and_wait_for_checkpoint(root: Path, out: Path, *extra: str) -> tuple[subprocess.Popen, Path]:
+    """Start a long training run; return once its first ``last.ckpt`` exists (the run is then mid-training)."""
+    run = out / "run"
+    proc = subprocess.Popen(_train_cmd(root, out, "trainer.max_epochs=50", *extra), cwd=REPO_ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not (run / "checkpoints" / "last.ckpt").is_file():
-        assert proc.poll() is None and time.time() < deadline
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
         time.sleep(0.05)
+    return proc, run
+
+
+def test_sigterm_saves_checkpoint_and_exits_nonzero_with_resume_hint(tmp_path, synthetic_root):
+    proc, run = _start_and_wait_for_checkpoint(synthetic_root, tmp_path / "o")
     before = (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns
     time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
@@ -164,13 +170,7 @@ def test_unwritable_output_path_fails_before_training(smoke_cfg, tmp_path):
 
 
 def test_ctrl_c_saves_checkpoint_and_says_how_to_resume(tmp_path, synthetic_root):
-    run = tmp_path / "o" / "run"
-    proc = subprocess.Popen(_train_cmd(synthetic_root, tmp_path / "o", "trainer.max_epochs=50"), cwd=REPO_ROOT,
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not (run / "checkpoints" / "last.ckpt").is_file():
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.05)
+    proc, run = _start_and_wait_for_checkpoint(synthetic_root, tmp_path / "o")
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
