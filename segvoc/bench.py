@@ -195,7 +195,7 @@ def loader_speed(args: argparse.Namespace, out: Path, batches: int) -> dict[str,
             n += len(next(it)["image"])
         except StopIteration:
             it = iter(loader)
-    return {"img_s": n / (time.perf_counter() - t0), "workers": int(cfg.data.num_workers)}
+    return {"img_s": n / (time.perf_counter() - t0), "workers": dm.num_workers}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -204,3 +204,15 @@ def test_download_failure_is_one_actionable_line(tmp_path, monkeypatch):
         resolve_voc_root(tmp_path / "voc", download=True)
     msg = str(err.value)
     assert "could not download VOC 2012" in msg and "data.root" in msg and "\n" not in msg
+
+
+def test_auto_loader_settings(monkeypatch):
+    import os
+
+    from segvoc.data.datamodule import resolve_loader_settings
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert resolve_loader_settings("auto", False) == (8, False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert resolve_loader_settings("auto", "auto", "cpu") == (2, False)
+    assert resolve_loader_settings(3, True, "cpu") == (3, True)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from lightning_fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
@@ -125,12 +127,25 @@ class VOCDataModule(pl.LightningDataModule):
         return self._loader("test", self.eval_batch_size, shuffle=False)
 
 
+def resolve_loader_settings(num_workers: int | str, pin_memory: bool | str,
+                            accelerator: str | None = None) -> tuple[int, bool]:
+    """``auto`` workers = the CPUs this process may use, up to 8; ``auto`` pinning = when training on a GPU."""
+    if num_workers == "auto":
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        num_workers = min(8, cpus)
+    if pin_memory == "auto":
+        pin_memory = accelerator in ("gpu", "cuda", "auto", None) and torch.cuda.is_available()
+    return int(num_workers), bool(pin_memory)
+
+
 def build_datamodule(cfg: DictConfig, split_dir: str | Path | None = None) -> VOCDataModule:
     """The DataModule for a composed run config (``cfg.data`` + ``cfg.augment``)."""
     d = cfg.data
+    trainer_cfg = cfg.get("trainer") or {}
+    workers, pin = resolve_loader_settings(d.num_workers, d.pin_memory, trainer_cfg.get("accelerator"))
     return VOCDataModule(
         root=d.root, train_split=d.train_split, test_fraction=d.test_fraction, split_seed=d.split_seed,
-        subset=d.subset, batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, num_workers=d.num_workers,
-        pin_memory=d.pin_memory, download=d.download, augment=cfg.augment, synthetic_cfg=d.get("synthetic"),
+        subset=d.subset, batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, num_workers=workers,
+        pin_memory=pin, download=d.download, augment=cfg.augment, synthetic_cfg=d.get("synthetic"),
         split_dir=str(split_dir) if split_dir else None, seed=int(cfg.get("seed", 0)),
     )
