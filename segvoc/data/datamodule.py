@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -43,7 +42,6 @@ class VOCDataModule(pl.LightningDataModule):
         synthetic_cfg: DictConfig | dict | None = None,
         split_dir: str | None = None,
         seed: int = 0,
-        **_: Any,
     ) -> None:
         super().__init__()
         self.root = root
@@ -100,7 +98,9 @@ class VOCDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        """Training: shuffled per (seed, epoch), last partial batch dropped when a rank has more than one batch.
+        Evaluation: every image once, in order."""
         n = len(self.datasets[split])
         rank, world = self._rank_world()
         sampler = EpochShuffleSampler(n, self.seed, rank, world) if shuffle else ShardSampler(n, rank, world)
@@ -108,7 +108,7 @@ class VOCDataModule(pl.LightningDataModule):
             self.datasets[split],
             batch_size=batch_size,
             sampler=sampler,
-            drop_last=drop_last,
+            drop_last=shuffle and len(sampler) > batch_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
@@ -116,9 +116,7 @@ class VOCDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        rank, world = self._rank_world()
-        per_rank = -(-len(self.datasets["train"]) // world)
-        return self._loader("train", self.batch_size, shuffle=True, drop_last=per_rank > self.batch_size)
+        return self._loader("train", self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.eval_batch_size, shuffle=False)
