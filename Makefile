@@ -30,7 +30,7 @@ REPORT_PRESETS := 4a_baseline,4b_improved,4c_weighted,5a_dilated,5b_transfer,5c_
 report: install  ## smoke sweep of the six report presets on synthetic data, then the report (offline)
 	rm -rf outputs/report
 	SEGVOC_RESNET34_WEIGHTS=none $(PY) -m segvoc.train -m experiment=$(REPORT_PRESETS) data=synthetic \
-		trainer=smoke hydra.sweep.dir=outputs/report/sweep
+		debug=smoke hydra.sweep.dir=outputs/report/sweep
 	$(PY) -m segvoc.report sweep=outputs/report/sweep hydra.run.dir=outputs/report
 
 bench: install  ## CPU speed benchmark (segvoc.bench)

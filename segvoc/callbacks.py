@@ -26,17 +26,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class PreemptionCheckpoint(Callback):
-    """On SIGTERM (pre-emption) or Ctrl-C: save ``checkpoints/last.ckpt`` and say how to resume, in one line.
+    """On SIGTERM (pre-emption) or Ctrl-C: keep a checkpoint that resumes exactly, and say how to resume.
 
     Both signals only set a flag; the run stops at the next batch boundary, so a signal never lands in the
     middle of a checkpoint write. (Lightning does this for SIGTERM; this callback does it for SIGINT.) A second
     Ctrl-C interrupts at once.
+
+    Stopped between two training batches, the run saves ``last.ckpt`` with the train loader's position
+    (``ResumableLoader``), which resumes exactly. Stopped anywhere else (validation, before the first batch of an
+    epoch, after the last), the epoch-end ``last.ckpt`` is kept and the interrupted epoch is replayed on resume:
+    a partial validation cannot be saved, and replacing an exact checkpoint by an inexact one would lose more.
     """
 
     def __init__(self, dirpath: str | Path, run_dir: str | Path) -> None:
         self.dirpath = Path(dirpath)
         self.run_dir = Path(run_dir)
         self.saved: Path | None = None
+        self.interrupted = False
         self._sigint_requested = False
         self._previous_handler: Any = None
 
@@ -67,9 +73,18 @@ class PreemptionCheckpoint(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException | KeyboardInterrupt):
             return
+        self.interrupted = True
         path = self.dirpath / "last.ckpt"
-        trainer.save_checkpoint(path)
-        self.saved = path
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if trainer.training and 0 < done < trainer.num_training_batches:
+            trainer.save_checkpoint(path)
+            self.saved = path
+            what = f"saved {path} (batch {done} of epoch {trainer.current_epoch})"
+        elif path.is_file():
+            what = f"kept {path} (end of the last finished epoch; the interrupted epoch is replayed)"
+        else:
+            what = "no checkpoint yet (stopped in the first epoch)"
         if trainer.is_global_zero:
-            print(f"interrupted at step {trainer.global_step}: saved {path}; resume with: "
-                  f"python -m segvoc.train resume={self.run_dir}", file=sys.stderr, flush=True)
+            hint = (f"resume with: python -m segvoc.train resume={self.run_dir}" if path.is_file()
+                    else "run the same command again to start over")
+            print(f"interrupted at step {trainer.global_step}: {what}; {hint}", file=sys.stderr, flush=True)

@@ -1,10 +1,12 @@
-"""Running an app function so that user-fixable errors print as one line instead of a traceback."""
+"""What every entry point does around its work: quiet known library noise, and print user-fixable errors as one
+line instead of a traceback."""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -15,18 +17,31 @@ from segvoc.errors import SegvocError
 log = logging.getLogger("segvoc")
 
 
+def quiet_library_noise() -> None:
+    """Silence two specific messages of Lightning 2.6 that every run would print and no user can act on.
+
+    - Lightning's pytree helper trips torch's deprecation of ``isinstance(treespec, LeafSpec)`` on every step.
+    - Lightning advertises ``litlogger`` (a cloud logger) when a run starts with TensorBoard.
+    Called by entry points only: importing segvoc changes no global filter.
+    """
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
+        lambda record: "litlogger" not in record.getMessage())
+
+
 def run_app(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """Call ``fn(cfg)``; a ``SegvocError`` becomes ``error: <message>`` on stderr and exit code 2.
 
-    ``debug=true`` in the config or ``HYDRA_FULL_ERROR=1`` re-raises it with its traceback.
+    ``traceback=true`` in the config or ``HYDRA_FULL_ERROR=1`` re-raises it with its traceback.
     """
+    quiet_library_noise()
     try:
         return fn(cfg)
     except Exception as exc:
         user_error = find_user_error(exc)
-        if user_error is None or cfg.get("debug") or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if user_error is None or cfg.get("traceback") or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"error: {user_error}", file=sys.stderr, flush=True)
+        print(f"error: {user_message(user_error)}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 
 
@@ -39,3 +54,18 @@ def find_user_error(exc: BaseException | None) -> SegvocError | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def user_message(error: SegvocError) -> str:
+    """The one-line message of a ``SegvocError``, also when it was raised in a DataLoader worker.
+
+    PyTorch re-raises a worker's exception in the main process as the same type with the message
+    ``Caught X in DataLoader worker process N.`` followed by the worker's traceback, whose last line is
+    ``module.X: <original message>``.
+    """
+    text = str(error)
+    if not (text.startswith("Caught ") and "Original Traceback" in text):
+        return text
+    prefix = f"{type(error).__module__}.{type(error).__qualname__}: "
+    lines = [line for line in text.splitlines() if line.startswith(prefix)]
+    return lines[-1][len(prefix):] if lines else text.splitlines()[0]

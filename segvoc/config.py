@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
@@ -32,3 +32,38 @@ def compose(overrides: list[str] | None = None, config_name: str = "train") -> D
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=overrides or [])
+
+
+def command_line_overrides() -> list[str]:
+    """The overrides the user typed for this Hydra run (empty outside ``@hydra.main``)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def carry_overrides(stored: DictConfig, composed: DictConfig, allowed: tuple[str, ...], refusal: str,
+                    overrides: list[str] | None = None) -> DictConfig:
+    """Apply what the user typed to a stored run config (a checkpoint's), taking values from ``composed``.
+
+    A group override (``trainer=gpu``) replaces that whole node; a key override (``trainer.max_epochs=50``) sets
+    that key. Keys under ``allowed`` (prefixes such as ``trainer`` or ``data.root``) are applied; ``hydra.*`` and
+    ``resume`` are ignored; any other key is a ``ConfigError`` naming it, followed by ``refusal``.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from segvoc.errors import ConfigError
+
+    out = stored.copy()
+    given = command_line_overrides() if overrides is None else overrides
+    for ov in OverridesParser.create().parse_overrides(given):
+        key = ov.key_or_group.replace("/", ".")
+        if key.split(".")[0] in ("hydra", "resume") or ov.is_delete():
+            continue
+        if not any(key == a or key.startswith(a + ".") for a in allowed):
+            raise ConfigError(f"{ov.input_line}: {key} cannot change here; {refusal}")
+        value = OmegaConf.select(composed, key)
+        if isinstance(value, DictConfig):
+            value = OmegaConf.to_container(value, resolve=True)
+        with open_dict(out):
+            OmegaConf.update(out, key, value, merge=False, force_add=True)
+    return out

@@ -14,9 +14,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from segvoc import config as _config  # noqa: F401  (registers resolvers)
 from segvoc.checkpoint import load_task, read_checkpoint
 from segvoc.cli import run_app
+from segvoc.config import carry_overrides, command_line_overrides  # also registers resolvers
 from segvoc.data.datamodule import build_datamodule
 from segvoc.errors import ConfigError
 from segvoc.inference import InferenceConfig
@@ -35,12 +35,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     inference = InferenceConfig(**OmegaConf.to_container(cfg.infer, resolve=True))
     task, run_cfg = load_task(cfg.ckpt, inference)
     epoch = read_checkpoint(cfg.ckpt).get("epoch")
-    with open_dict(run_cfg):
-        if cfg.data_root:
-            run_cfg.data.root = cfg.data_root
+    typed = command_line_overrides()
+    run_cfg = carry_overrides(run_cfg, cfg, ("data",), "evaluate uses the checkpoint's model and config",
+                              [o for o in typed if o.lstrip("+~").startswith("data")])
+    if any(o.lstrip("+").startswith(("data.root=", "data=")) for o in typed):
+        with open_dict(run_cfg):
             run_cfg.data.synthetic = None  # score the given tree as it is, never regenerate it
-        if cfg.num_workers is not None:
-            run_cfg.data.num_workers = cfg.num_workers
     dm = build_datamodule(run_cfg)
     dm.prepare_data()
     dm.setup("test")

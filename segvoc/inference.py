@@ -26,7 +26,7 @@ class InferenceConfig:
     tta: str = "none"            # none | flip | ms_flip
     scales: Sequence[float] = field(default_factory=lambda: (0.75, 1.0, 1.25))
     window: int = 512
-    stride: int = 341
+    stride: int | None = None    # None: two thirds of the window
     max_pixels: int = 1024 * 1024
 
     def __post_init__(self) -> None:
@@ -34,19 +34,33 @@ class InferenceConfig:
             raise ConfigError(f"infer.mode={self.mode!r}: use whole, slide or auto")
         if self.tta not in ("none", "flip", "ms_flip"):
             raise ConfigError(f"tta={self.tta!r}: use none, flip or ms_flip")
+        if self.window < 1:
+            raise ConfigError(f"infer.window={self.window}: use a positive window size")
+        if self.stride is None:
+            self.stride = max(1, self.window * 2 // 3)
+        if not 1 <= self.stride <= self.window:
+            raise ConfigError(f"infer.stride={self.stride} with infer.window={self.window}: windows would leave "
+                              "pixels unscored; use a stride between 1 and the window (or infer.stride=null)")
+
+
+def window_starts(size: int, window: int, stride: int) -> list[int]:
+    """Start offsets of windows along one axis: every ``stride`` pixels, plus one flush with the far border, so
+    windows of ``window`` pixels cover ``[0, size)`` whenever ``stride <= window``."""
+    starts = list(range(0, max(size - window, 0) + 1, stride))
+    if starts[-1] + window < size:
+        starts.append(size - window)
+    return starts
 
 
 def slide_logits(forward: Forward, x: torch.Tensor, window: int, stride: int) -> torch.Tensor:
-    """Logits from overlapping ``window`` x ``window`` crops every ``stride`` pixels, averaged where they overlap."""
+    """Logits from overlapping ``window`` x ``window`` crops every ``stride`` pixels, averaged where they overlap.
+    Every pixel is covered by at least one window (``stride <= window``; checked by ``InferenceConfig``)."""
+    if not 1 <= stride <= window:
+        raise ConfigError(f"infer.stride={stride} with infer.window={window}: use a stride between 1 and the window")
     n, _, h, w = x.shape
     out: torch.Tensor | None = None
     count = torch.zeros((1, 1, h, w), device=x.device)
-    ys = list(range(0, max(h - window, 0) + 1, stride))
-    xs = list(range(0, max(w - window, 0) + 1, stride))
-    if ys[-1] + window < h:
-        ys.append(h - window)
-    if xs[-1] + window < w:
-        xs.append(w - window)
+    ys, xs = window_starts(h, window, stride), window_starts(w, window, stride)
     for y0 in ys:
         for x0 in xs:
             crop = x[..., y0:y0 + window, x0:x0 + window]

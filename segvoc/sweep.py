@@ -38,7 +38,8 @@ def summarize(sweep_dir: Path) -> dict[str, Any]:
 
 
 class SweepSummary(Callback):
-    """Hydra callback: after a multirun, print which jobs finished and which failed (and why)."""
+    """Hydra callback: after a multirun, print which jobs finished and which failed (and why); exit code 1 when
+    any job failed."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -48,3 +49,5 @@ class SweepSummary(Callback):
         lines = [f"sweep {sweep_dir}: {len(s['ok'])} finished, {len(s['failed'])} failed"]
         lines += [f"  FAILED {job}: {why}" for job, why in s["failed"].items()]
         print("\n".join(lines), flush=True)
+        if s["failed"]:
+            raise SystemExit(1)  # the other jobs have run; the sweep as a whole did not succeed

@@ -7,6 +7,7 @@ Writes into the Hydra run directory: ``.hydra/``, ``checkpoints/{best,last}.ckpt
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +17,14 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
+from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from segvoc import config as _config  # noqa: F401  (registers resolvers before Hydra composes)
 from segvoc.callbacks import AtomicCheckpointIO, PreemptionCheckpoint
 from segvoc.checkpoint import checkpoint_config, load_state, read_checkpoint
-from segvoc.cli import run_app
+from segvoc.cli import quiet_library_noise, run_app
+from segvoc.config import carry_overrides  # also registers resolvers before Hydra composes
 from segvoc.data.datamodule import VOCDataModule, build_datamodule
 from segvoc.errors import ConfigError, InterruptedRun
 from segvoc.losses import cached_class_counts, inverse_frequency_weights
@@ -61,32 +63,37 @@ def build_trainer(cfg: DictConfig, evaluation: bool = False, purge_step: int | N
         kwargs["enable_model_summary"] = False
         return pl.Trainer(callbacks=[], logger=False, **kwargs)
     out = Path(cfg.paths.output_dir)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    callbacks.append(PreemptionCheckpoint(out / "checkpoints", out))
     loggers = []
     for lg in (cfg.get("logger") or {}).values():
         if lg:
             extra = {"purge_step": purge_step} if purge_step and "TensorBoard" in lg.get("_target_", "") else {}
             loggers.append(instantiate(lg, **extra))
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    if not loggers:  # logger=none: a learning-rate monitor has nowhere to write (Lightning refuses to start)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    callbacks.append(PreemptionCheckpoint(out / "checkpoints", out))
     return pl.Trainer(callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
                       default_root_dir=str(out), **kwargs)
+
+
+# what may change when a run is resumed: where and how it runs, not what it trains
+RESUME_MAY_CHANGE = ("trainer", "callbacks", "logger", "perf", "infer", "paths", "data.root", "data.num_workers",
+                     "data.pin_memory", "data.download", "traceback", "log_images", "matmul_precision")
 
 
 def resume_config(cfg: DictConfig) -> DictConfig:
     """The config of the run in ``cfg.resume`` (stored in its last checkpoint), set to continue from it.
 
-    Dotted overrides given with ``resume=`` (e.g. ``trainer.max_epochs=50``) are applied on top.
+    What the user typed with ``resume=`` is applied on top when it only changes where and how the run goes on
+    (``trainer=ddp trainer.devices=4``, ``trainer.max_epochs=50``, ``data.root=...``); anything that would change
+    what is trained (``model=``, ``loss.*``, ``data.batch_size``, ...) is refused with one line naming the key.
     """
     run_dir = Path(cfg.resume).expanduser().resolve()
     last = run_dir / "checkpoints" / "last.ckpt"
     if not last.is_file():
         raise ConfigError(f"resume={run_dir}: no checkpoints/last.ckpt there; pass the run directory of a segvoc run")
-    run_cfg = checkpoint_config(read_checkpoint(last))
-    extra: list[str] = []
-    if HydraConfig.initialized():
-        extra = [o for o in HydraConfig.get().overrides.task if "." in o.split("=", 1)[0]
-                 and not o.startswith(("resume=", "hydra.", "paths."))]
-    run_cfg = OmegaConf.merge(run_cfg, OmegaConf.from_dotlist(extra))
+    run_cfg = carry_overrides(checkpoint_config(read_checkpoint(last)), cfg, RESUME_MAY_CHANGE,
+                              "a resumed run keeps what it was trained with; start a new run (without resume=)")
     with open_dict(run_cfg):
         run_cfg.paths.output_dir = str(run_dir)
         run_cfg.ckpt_path = str(last)
@@ -136,8 +143,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer = build_trainer(cfg, purge_step=purge_step)
     try:
         trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
-    except SIGTERMException:
-        raise InterruptedRun(f"stopped by SIGTERM at step {trainer.global_step}; checkpoint saved; "
+    except SystemExit as exc:  # Lightning ends a fit with SystemExit on SIGTERM (SIGTERMException) and Ctrl-C
+        preempt = next((c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)), None)
+        if preempt is None or not preempt.interrupted:
+            raise
+        signame = "SIGTERM" if isinstance(exc, SIGTERMException) else "Ctrl-C"
+        raise InterruptedRun(f"{out}: stopped by {signame} at step {trainer.global_step}; "
                              f"resume with: python -m segvoc.train resume={out}") from None
 
     ckpt_cb = trainer.checkpoint_callback  # the first one: monitors val/miou
@@ -170,13 +181,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the val ``cfg.optimized_metric`` for sweepers (Optuna).
 
-    In a multirun a failing job is recorded (``FAILED.json``, summarised at the end) and returns NaN, so the
-    other jobs go on; a single run exits non-zero.
+    In a multirun a failing job is recorded (``FAILED.json``, summarised at the end, exit code 1) and returns
+    NaN, so the other jobs go on; an interrupted job (SIGTERM, Ctrl-C) stops the whole sweep. A single run exits
+    non-zero on any failure.
     """
     key = cfg.get("optimized_metric")
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        quiet_library_noise()
         try:
             metrics = train(cfg)
+        except InterruptedRun as exc:
+            print(f"error: {exc}; sweep stopped", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
         except Exception as exc:
             log.error("job failed: %s: %s", type(exc).__name__, exc)
             record_failure(Path(HydraConfig.get().runtime.output_dir), exc)

@@ -53,7 +53,7 @@ def smoke_cfg(tmp_path: Path, synthetic_root: Path):
     """Factory: a composed smoke config on the session's synthetic tree."""
 
     def _make(*overrides: str) -> DictConfig:
-        return make_cfg(tmp_path, "data=synthetic", "trainer=smoke", "data.image_size=64", "data.synthetic=null",
+        return make_cfg(tmp_path, "data=synthetic", "debug=smoke", "data.image_size=64", "data.synthetic=null",
                         *overrides, data_root=synthetic_root)
 
     return _make

@@ -76,7 +76,7 @@ def test_unknown_names_and_keys_name_the_choices(tmp_path):
 
 def test_missing_weights_cli_is_one_line(tmp_path, synthetic_root):
     r = _cli("segvoc.train", "model=resnet34_transfer", f"model.weights={tmp_path}/nope.pth", "data=synthetic",
-             "data.synthetic=null", f"data.root={synthetic_root}", "trainer=smoke", f"paths.output_root={tmp_path}")
+             "data.synthetic=null", f"data.root={synthetic_root}", "debug=smoke", f"paths.output_root={tmp_path}")
     assert r.returncode == 2
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "nope.pth: weights file not found" in last and "Traceback" not in r.stderr
@@ -88,7 +88,7 @@ def tiny_ckpt(tmp_path_factory, synthetic_root) -> Path:
     from tests.conftest import make_cfg
 
     out = tmp_path_factory.mktemp("run")
-    train(make_cfg(out, "data=synthetic", "trainer=smoke", "data.synthetic=null", "data.subset=2",
+    train(make_cfg(out, "data=synthetic", "debug=smoke", "data.synthetic=null", "data.subset=2",
                    "trainer.max_epochs=1", data_root=synthetic_root))
     return out / "checkpoints" / "best.ckpt"
 

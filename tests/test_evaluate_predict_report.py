@@ -24,7 +24,7 @@ def trained_run(tmp_path_factory, synthetic_root) -> Path:
     from tests.conftest import make_cfg
 
     out = tmp_path_factory.mktemp("run")
-    cfg = make_cfg(out, "data=synthetic", "trainer=smoke", "data.synthetic=null", "data.subset=6",
+    cfg = make_cfg(out, "data=synthetic", "debug=smoke", "data.synthetic=null", "data.subset=6",
                    "trainer.max_epochs=2", data_root=synthetic_root)
     train(cfg)
     return out

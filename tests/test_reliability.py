@@ -16,9 +16,10 @@ import torch
 
 from segvoc.config import REPO_ROOT
 
-COMMON = ["data=synthetic", "data.synthetic=null", "trainer=smoke", "trainer.max_epochs=4", "data.subset=12",
-          "data.image_size=64", "trainer.enable_progress_bar=false", "model=fcn_dilated", "augment=report",
+COMMON = ["data=synthetic", "data.synthetic=null", "debug=smoke", "trainer.max_epochs=3", "data.subset=24",
+          "data.batch_size=1", "data.image_size=64", "trainer.enable_progress_bar=false", "model=fcn_dilated",
           "model.bottleneck_channels=64", "model.decoder_channels=[64,64,64,32,32]", "scheduler=cosine"]
+AUGMENT = {"random": "augment=report", "none": "augment=none"}
 
 
 def _train_cmd(root: Path, out: Path, *extra: str) -> list[str]:
@@ -30,66 +31,92 @@ def _env() -> dict:
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
-def test_sigkill_mid_run_then_resume_gives_identical_metrics(tmp_path, synthetic_root):
-    # uninterrupted reference run
-    ref = subprocess.run(_train_cmd(synthetic_root, tmp_path / "ref"), cwd=REPO_ROOT, env=_env(),
-                         capture_output=True, text=True, timeout=600)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    expected = json.loads((tmp_path / "ref" / "run" / "metrics.json").read_text())
+@pytest.fixture(scope="module")
+def reference_runs(tmp_path_factory, synthetic_root) -> dict[str, Path]:
+    """Uninterrupted runs without loader workers, one per augmentation setting (run once, on demand)."""
+    runs: dict[str, Path] = {}
 
-    # same run, killed with SIGKILL as soon as the first epoch's checkpoint exists (i.e. during epoch 2)
-    run = tmp_path / "killed" / "run"
-    proc = subprocess.Popen(_train_cmd(synthetic_root, tmp_path / "killed"), cwd=REPO_ROOT, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def get(aug: str) -> Path:
+        if aug not in runs:
+            out = tmp_path_factory.mktemp(f"ref_{aug}")
+            ref = subprocess.run(_train_cmd(synthetic_root, out, AUGMENT[aug], "data.num_workers=0"), cwd=REPO_ROOT,
+                                 env=_env(), capture_output=True, text=True, timeout=600)
+            assert ref.returncode == 0, ref.stderr[-3000:]
+            runs[aug] = out / "run"
+        return runs[aug]
+
+    return get
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen, run: Path) -> None:
     deadline = time.time() + 300
     while not (run / "checkpoints" / "last.ckpt").is_file():
         assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
-        time.sleep(0.05)
+        time.sleep(0.02)
+
+
+def _resume_and_compare(run: Path, reference: Path) -> None:
+    """Resume ``run`` and check it ends exactly as the uninterrupted ``reference``: metrics and every weight."""
+    resumed = subprocess.run([sys.executable, "-m", "segvoc.train", f"resume={run}"], cwd=REPO_ROOT, env=_env(),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "not resumable" not in resumed.stderr  # Lightning's "unreliable results" warning
+    assert json.loads((run / "metrics.json").read_text()) == json.loads((reference / "metrics.json").read_text())
+    a = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] and a["epoch"] == b["epoch"] == 2
+    differing = [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])]
+    assert not differing, f"{len(differing)} of {len(a['state_dict'])} tensors differ"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("aug", ["random", "none"])
+def test_sigkill_mid_run_then_resume_is_exact(tmp_path, synthetic_root, reference_runs, workers, aug):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(synthetic_root, tmp_path, AUGMENT[aug], f"data.num_workers={workers}"),
+                            cwd=REPO_ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_checkpoint(proc, run)  # the first epoch's checkpoint: the run is now in epoch 2
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
     assert not (run / "metrics.json").exists()  # it really died before finishing
-    epoch_at_kill = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"]
-    assert epoch_at_kill < 3
-
-    resumed = subprocess.run([sys.executable, "-m", "segvoc.train", f"resume={run}",
-                              "trainer.enable_progress_bar=false"],
-                             cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert json.loads((run / "metrics.json").read_text()) == expected
-    # and the final weights are bit-identical (metrics alone could come from an epoch before the kill)
-    a = torch.load(tmp_path / "ref" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
-    b = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert a["global_step"] == b["global_step"] and a["epoch"] == b["epoch"] == 3
-    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] < 2
+    _resume_and_compare(run, reference_runs(aug))
     # the original config is kept; TensorBoard continues in the same folder without duplicate epochs
     assert (run / ".hydra" / "config.yaml").is_file() and (run / ".hydra_resume").is_dir()
     from segvoc.report import read_scalars
 
-    assert len(read_scalars(run, ["val/loss"])["val/loss"]) == 4
+    assert len(read_scalars(run, ["val/loss"])["val/loss"]) == 3
 
 
-def _start_and_wait_for_checkpoint(root: Path, out: Path, *extra: str) -> tuple[subprocess.Popen, Path]:
-    """Start a long training run; return once its first ``last.ckpt`` exists (the run is then mid-training)."""
-    run = out / "run"
-    proc = subprocess.Popen(_train_cmd(root, out, "trainer.max_epochs=50", *extra), cwd=REPO_ROOT, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not (run / "checkpoints" / "last.ckpt").is_file():
-        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
-        time.sleep(0.05)
-    return proc, run
-
-
-def test_sigterm_saves_checkpoint_and_exits_nonzero_with_resume_hint(tmp_path, synthetic_root):
-    proc, run = _start_and_wait_for_checkpoint(synthetic_root, tmp_path / "o")
-    before = (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0
-    assert f"resume={run}" in err and "error:" in err and "Traceback" not in err
-    assert (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns >= before
+@pytest.mark.slow
+@pytest.mark.parametrize(("sig", "where"), [(signal.SIGTERM, "train"), (signal.SIGINT, "train"),
+                                            (signal.SIGTERM, "val"), (signal.SIGINT, "val")])
+def test_interrupt_then_resume_is_exact(tmp_path, synthetic_root, reference_runs, sig, where):
+    """SIGTERM (pre-emption) and Ctrl-C with loader workers and random augmentation, after the first epoch-end
+    checkpoint: in the middle of a training epoch (a checkpoint is saved at the batch boundary) or during
+    validation (the epoch-end checkpoint is kept). Either way the run exits non-zero with one line and the resumed
+    run ends bit-identical to an uninterrupted one."""
+    run = tmp_path / "run"
+    at = "+callbacks.signal_at._target_=tests.helpers.SignalAt"
+    proc = subprocess.Popen(_train_cmd(synthetic_root, tmp_path, AUGMENT["random"], "data.num_workers=2", at,
+                                       "+callbacks.signal_at.step=34", f"+callbacks.signal_at.sig={int(sig)}",
+                                       f"+callbacks.signal_at.where={where}"),
+                            cwd=REPO_ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith(("error:", "interrupted at"))]
+    assert f"resume={run}" in lines[-1] and lines[-1].startswith("error:") and "Traceback" not in err, err[-2000:]
     assert not list((run / "checkpoints").glob("*.tmp"))  # no half-written files left behind
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    if where == "train":  # 24 steps per epoch: step 34 is batch 10 of epoch 1
+        assert "saved" in lines[0] and "(batch 10 of epoch 1)" in lines[0], lines
+        assert saved["global_step"] == 34
+    else:  # validation after epoch 1 (step 48): the checkpoint of epoch 0's end stays
+        assert "kept" in lines[0], lines
+        assert saved["global_step"] == 24
+    assert not (run / "metrics.json").exists()
+    _resume_and_compare(run, reference_runs("random"))
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(smoke_cfg, tmp_path):
@@ -169,12 +196,3 @@ def test_unwritable_output_path_fails_before_training(smoke_cfg, tmp_path):
         train(smoke_cfg(f"paths.output_dir={blocker / 'run'}"))
 
 
-def test_ctrl_c_saves_checkpoint_and_says_how_to_resume(tmp_path, synthetic_root):
-    proc, run = _start_and_wait_for_checkpoint(synthetic_root, tmp_path / "o")
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0
-    assert "interrupted at step" in err and f"resume={run}" in err
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["global_step"] > 0

@@ -22,7 +22,7 @@ def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 def _smoke(root: Path) -> list[str]:
-    return ["data=synthetic", "data.synthetic=null", f"data.root={root}", "trainer=smoke", "trainer.max_epochs=1",
+    return ["data=synthetic", "data.synthetic=null", f"data.root={root}", "debug=smoke", "trainer.max_epochs=1",
             "data.subset=5", "trainer.enable_progress_bar=false"]
 
 

@@ -97,7 +97,7 @@ def _cli(*args: str, cwd: Path, env_extra: dict | None = None) -> subprocess.Com
 def test_multirun_sweep_over_losses(tmp_path, synthetic_root):
     out = tmp_path / "outputs"
     r = _cli("segvoc.train", "-m", "loss=ce,weighted_ce", "data=synthetic", "data.synthetic=null",
-             f"data.root={synthetic_root}", "trainer=smoke", "trainer.max_epochs=1", "data.subset=4",
+             f"data.root={synthetic_root}", "debug=smoke", "trainer.max_epochs=1", "data.subset=4",
              "trainer.enable_progress_bar=false", f"paths.output_root={out}", cwd=REPO_ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     runs = sorted(p for p in (out / "multirun").glob("*/*/*") if p.is_dir())

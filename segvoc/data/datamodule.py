@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from segvoc.data import synthetic
-from segvoc.data.sampling import EpochShuffleSampler, ShardSampler
+from segvoc.data.sampling import EpochShuffleSampler, ResumableLoader, ShardSampler
 from segvoc.data.transforms import build_pipeline, pad_collate
 from segvoc.data.voc import VOCSegmentation, make_splits, mask_dir_for, resolve_voc_root
 
@@ -99,21 +99,30 @@ class VOCDataModule(pl.LightningDataModule):
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        """Training: shuffled per (seed, epoch), last partial batch dropped when a rank has more than one batch.
-        Evaluation: every image once, in order."""
+        """Training: shuffled per (seed, epoch), resumable mid-epoch, last partial batch dropped when a rank has
+        more than one batch. Evaluation: every image once, in order."""
         n = len(self.datasets[split])
         rank, world = self._rank_world()
-        sampler = EpochShuffleSampler(n, self.seed, rank, world) if shuffle else ShardSampler(n, rank, world)
-        return DataLoader(
-            self.datasets[split],
-            batch_size=batch_size,
-            sampler=sampler,
-            drop_last=shuffle and len(sampler) > batch_size,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=pad_collate,
-        )
+        common = dict(batch_size=batch_size, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                      persistent_workers=self.num_workers > 0, collate_fn=pad_collate)
+        if not shuffle:
+            return DataLoader(self.datasets[split], sampler=ShardSampler(n, rank, world), **common)
+        sampler = EpochShuffleSampler(n, self.seed, rank, world)
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            # The epoch Lightning is about to run (restored from a checkpoint on resume). Lightning calls set_epoch
+            # only after it created the first iterator, and loader workers start fetching at once: without this a
+            # run resumed at an epoch end with workers would replay epoch 0's order and augmentation.
+            sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
+        return ResumableLoader(self.datasets[split], sampler=sampler, drop_last=len(sampler) > batch_size,
+                               progress=self._train_progress, **common)
+
+    def _train_progress(self) -> tuple[int, int]:
+        """(batches trained in the current epoch, batches per epoch), as the trainer counts them."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed, int(trainer.num_training_batches)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, shuffle=True)
