@@ -18,15 +18,20 @@ log = logging.getLogger("segvoc")
 
 
 def quiet_library_noise() -> None:
-    """Silence two specific messages of Lightning 2.6 that every run would print and no user can act on.
+    """Silence specific messages of Lightning 2.6 that every run would print and no user can act on.
 
     - Lightning's pytree helper trips torch's deprecation of ``isinstance(treespec, LeafSpec)`` on every step.
-    - Lightning advertises ``litlogger`` (a cloud logger) when a run starts with TensorBoard.
+    - Lightning advertises its cloud services, ``litlogger`` (when a run logs to TensorBoard) and ``litmodels``
+      (when a checkpoint callback is used), as "Tip" lines.
     Called by entry points only: importing segvoc changes no global filter.
     """
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
-        lambda record: "litlogger" not in record.getMessage())
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_no_advertising)
+
+
+def _no_advertising(record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not ("Tip:" in message and ("litlogger" in message or "litmodels" in message))
 
 
 def run_app(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:

@@ -122,3 +122,22 @@ def test_predict_nothing_readable_is_an_error(tiny_ckpt, tmp_path):
     r = _cli("segvoc.predict", f"ckpt={tiny_ckpt}", f"input={src}", f"output={tmp_path / 'o'}",
              f"paths.output_root={tmp_path}")
     assert r.returncode == 2 and "no image could be processed" in r.stderr and "a.jpg" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_bad_image_inside_a_loader_worker_is_one_line(voc_mini, tmp_path, split):
+    """With loader workers, a corrupt JPEG gives the same one line (and exit 2) as without: PyTorch re-raises
+    the worker's error wrapped in 'Caught ... in DataLoader worker process N' plus a traceback."""
+    root = _copy(voc_mini, tmp_path / "data")
+    splits = make_splits(root)
+    victim = root / "JPEGImages" / f"{splits[split][0]}.jpg"
+    victim.write_bytes(victim.read_bytes()[:300])  # truncated JPEG
+    args = [f"data.root={tmp_path / 'data'}", "data.num_workers=2", "data.batch_size=2", "data.image_size=64",
+            "trainer.max_epochs=1", "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
+            f"paths.output_root={tmp_path / 'out'}"]
+    r = _cli("segvoc.train", *args)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {victim}: ") and "Caught" not in r.stderr and "Traceback" not in r.stderr, \
+        r.stderr[-2000:]

@@ -121,6 +121,95 @@ def test_slide_inference_matches_whole_for_pointwise_model():
     assert torch.allclose(whole, slide, atol=1e-5)
 
 
+@pytest.mark.parametrize(("h", "w", "window", "stride"), [
+    (700, 700, 256, None), (700, 700, 256, 256), (70, 90, 32, 1), (37, 101, 16, 11), (101, 37, 50, 49),
+    (40, 60, 100, None), (40, 600, 64, 64), (513, 17, 512, 400)])
+def test_slide_windows_cover_every_pixel(h, w, window, stride):
+    from segvoc.inference import slide_logits
+
+    seen = torch.zeros(h, w)
+
+    def count(crop: torch.Tensor) -> torch.Tensor:
+        return torch.ones(crop.shape[0], 2, *crop.shape[-2:])
+
+    cfg = InferenceConfig(mode="slide", window=window, stride=stride)
+    out = slide_logits(count, torch.zeros(1, 3, h, w), cfg.window, cfg.stride)
+    seen += out[0, 0]
+    assert torch.isfinite(out).all() and (seen == 1).all()  # averaged ones: every pixel had >= 1 window
+
+
+def test_stride_larger_than_window_is_refused():
+    from segvoc.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"infer.stride=341 with infer.window=256: windows would leave pixels"):
+        InferenceConfig(mode="slide", window=256, stride=341)
+    assert InferenceConfig(window=256).stride == 170  # the default follows the window
+
+
+def test_ms_flip_averages_six_passes_at_three_scales():
+    x = torch.randn(1, 3, 20, 28)
+    sizes = []
+    bias = torch.randn(21)
+
+    def constant(inp: torch.Tensor) -> torch.Tensor:  # logits independent of the input: probs = softmax(bias)
+        sizes.append(tuple(inp.shape[-2:]))
+        return bias.view(1, 21, 1, 1).expand(inp.shape[0], 21, *inp.shape[-2:]).clone()
+
+    probs, are_probs = infer(constant, x, InferenceConfig(tta="ms_flip", scales=(0.5, 1.0, 1.5)))
+    assert are_probs and probs.shape == (1, 21, 20, 28)
+    assert sorted(set(sizes)) == [(10, 14), (20, 28), (30, 42)] and len(sizes) == 6
+    assert torch.allclose(probs, bias.softmax(0).view(1, 21, 1, 1).expand_as(probs), atol=1e-6)
+    only_full, _ = infer(constant, x, InferenceConfig(tta="ms_flip", scales=(1.0,)))
+    assert torch.equal(only_full, infer(constant, x, InferenceConfig(tta="flip"))[0])
+
+
+def test_evaluate_slide_and_ms_flip_on_non_square_images(trained_run, tmp_path):
+    """Synthetic images are 80x60: a window smaller than both sides, one larger than the image, and ms_flip."""
+    whole = json.loads((trained_run / "metrics.json").read_text())["test"]
+    big = _eval(trained_run, tmp_path / "big", "infer.mode=slide", "infer.window=128")["test"]
+    assert big["miou"] == whole["miou"]  # one window holds the whole image: the same as whole-image inference
+    small = _eval(trained_run, tmp_path / "small", "infer.mode=slide", "infer.window=24", "infer.stride=24")["test"]
+    ms = _eval(trained_run, tmp_path / "ms", "tta=ms_flip")["test"]
+    for scores in (small, ms):
+        assert 0 < scores["miou"] <= 1 and 0 < scores["pixel_acc"] <= 1
+
+
+def test_predict_slide_masks_have_the_image_size(trained_run, tmp_path):
+    sizes = _write_inputs(tmp_path / "in")
+    cfg = compose([f"ckpt={trained_run}", f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}",
+                   f"paths.output_dir={tmp_path}", "infer.mode=slide", "infer.window=16", "tta=ms_flip"],
+                  config_name="predict")
+    assert len(predict(cfg)["done"]) == 3
+    for name, (h, w) in sizes.items():
+        assert Image.open(tmp_path / "out" / f"{name}.png").size == (w, h)
+
+
+@pytest.mark.slow
+def test_evaluate_takes_the_same_data_keys_as_train(trained_run, tmp_path, synthetic_root):
+    """``data.root=`` / ``data.num_workers=`` mean in evaluate what they mean in train (another copy of the data
+    gives the same scores; a missing one is a one-line error naming it)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from segvoc.config import REPO_ROOT
+
+    copy = tmp_path / "copy"
+    shutil.copytree(synthetic_root, copy)
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "segvoc.evaluate", f"ckpt={trained_run}", "trainer=cpu",
+                               "trainer.enable_progress_bar=false", *extra], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=300)
+
+    r = run(f"data.root={copy}", "data.num_workers=2", f"hydra.run.dir={tmp_path / 'e'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads((tmp_path / "e" / "metrics.json").read_text())["test"]
+    assert got == json.loads((trained_run / "metrics.json").read_text())["test"]
+    r = run(f"data.root={tmp_path / 'nowhere'}", f"hydra.run.dir={tmp_path / 'f'}")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: VOC 2012 not found at")
+
+
 def _fake_run(root: Path, name: str, exp: str, val_miou: float, test_miou: float) -> Path:
     from torch.utils.tensorboard import SummaryWriter
 

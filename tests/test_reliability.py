@@ -61,6 +61,7 @@ def _resume_and_compare(run: Path, reference: Path) -> None:
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "not resumable" not in resumed.stderr  # Lightning's "unreliable results" warning
+    assert "Tip:" not in resumed.stderr  # no advertising in segvoc's output
     assert json.loads((run / "metrics.json").read_text()) == json.loads((reference / "metrics.json").read_text())
     a = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)
     b = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
@@ -119,18 +120,56 @@ def test_interrupt_then_resume_is_exact(tmp_path, synthetic_root, reference_runs
     _resume_and_compare(run, reference_runs("random"))
 
 
-def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(smoke_cfg, tmp_path):
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(smoke_cfg, tmp_path, monkeypatch):
     from segvoc.errors import NonFiniteLossError
+    from segvoc.task import SegmentationTask
     from segvoc.train import train
 
-    cfg = smoke_cfg("optimizer.lr=1e30", "trainer.max_epochs=3", "trainer.log_every_n_steps=1")
-    with pytest.raises(NonFiniteLossError, match=r"NaN/inf at step \d+"):
+    step = SegmentationTask.training_step
+
+    def nan_from_epoch_1(self, batch, batch_idx):  # a good first epoch (its checkpoint is saved), then NaN
+        loss = step(self, batch, batch_idx)
+        return loss * float("nan") if self.current_epoch >= 1 else loss
+
+    monkeypatch.setattr(SegmentationTask, "training_step", nan_from_epoch_1)
+    cfg = smoke_cfg("trainer.max_epochs=3", "trainer.log_every_n_steps=1")
+    with pytest.raises(NonFiniteLossError, match=r"NaN/inf at step \d+;"):
         train(cfg)
     assert not (tmp_path / "metrics.json").exists()
-    last = tmp_path / "checkpoints" / "last.ckpt"
-    if last.exists():  # whatever was saved holds only finite weights
-        state = torch.load(last, weights_only=True)["state_dict"]
-        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 0, last["global_step"]  # the last good checkpoint, not overwritten
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_resume_applies_where_to_run_and_refuses_what_to_train(tmp_path, synthetic_root):
+    """``resume=<run> trainer=... trainer.max_epochs=...`` continue the run with them; ``model=`` or a key that
+    changes what is trained is refused with one line naming it."""
+    run = tmp_path / "run"
+    first = subprocess.run(_train_cmd(synthetic_root, tmp_path, AUGMENT["none"], "trainer.max_epochs=1",
+                                      "data.subset=4"),
+                           cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    (run / "metrics.json").unlink()
+
+    def resume(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "segvoc.train", f"resume={run}", *extra], cwd=REPO_ROOT,
+                              env=_env(), capture_output=True, text=True, timeout=600)
+
+    for refused, key in (("model=unet", "model"), ("loss.background_scale=80", "loss.background_scale"),
+                         ("data.batch_size=4", "data.batch_size"), ("experiment=4b_improved", "experiment")):
+        r = resume(refused)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert r.stderr.strip().splitlines()[-1].startswith(f"error: {refused}: {key} cannot change"), r.stderr
+    if not torch.cuda.is_available():  # a group override is applied: trainer=gpu really asks for a GPU
+        r = resume("trainer=gpu")
+        assert r.returncode != 0 and "gpu" in r.stderr.lower()
+    r = resume("trainer=cpu", "trainer.max_epochs=2", "logger=none")
+    assert r.returncode == 0, r.stderr[-2000:]
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["epoch"] == 1  # trained on for the extra epoch
+    stored = ckpt["hyper_parameters"]["cfg"]
+    assert stored["trainer"]["accelerator"] == "cpu" and stored["logger"] == {}
 
 
 def test_checkpoint_from_another_model_is_a_clear_error(smoke_cfg, tmp_path):

@@ -85,11 +85,36 @@ def test_optuna_search_two_trials(tmp_path, synthetic_root):
     assert "best_params" in best and "optimizer.lr" in best
 
 
-def test_failing_job_does_not_stop_the_sweep(tmp_path, synthetic_root):
+@pytest.mark.slow
+def test_failing_job_does_not_stop_the_sweep_but_fails_it(tmp_path, synthetic_root):
     r = _cli("segvoc.train", "-m", "optimizer.lr=1e30,1e-3", *_smoke(synthetic_root), "data.image_size=64",
              "trainer.log_every_n_steps=1", "trainer.max_epochs=3", f"hydra.sweep.dir={tmp_path}/sw")
+    assert r.returncode == 1, r.stderr[-2000:]  # the other job ran, and the sweep as a whole failed
     summary = json.loads((tmp_path / "sw" / "sweep_summary.json").read_text())
     assert summary["ok"] and len(summary["failed"]) == 1
     (failed_job, why), = summary["failed"].items()
     assert failed_job.startswith("0_") and "NaN/inf" in why
     assert f"FAILED {failed_job}" in r.stdout
+
+
+@pytest.mark.slow
+def test_sweep_where_every_job_fails_exits_nonzero(tmp_path, synthetic_root):
+    r = _cli("segvoc.train", "-m", "optimizer.lr=1e30,1e31", *_smoke(synthetic_root), "data.image_size=64",
+             "trainer.log_every_n_steps=1", "trainer.max_epochs=3", f"hydra.sweep.dir={tmp_path}/sw")
+    assert r.returncode == 1
+    assert "0 finished, 2 failed" in r.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [15, 2])  # SIGTERM, SIGINT
+def test_interrupt_stops_the_whole_sweep(tmp_path, synthetic_root, sig):
+    """An interrupted job is not a failed job: the sweep stops (non-zero) instead of starting the next job."""
+    r = _cli("segvoc.train", "-m", "loss=ce,weighted_ce", *_smoke(synthetic_root), "trainer.max_epochs=2",
+             "data.batch_size=2", "+callbacks.signal_at._target_=tests.helpers.SignalAt",
+             "+callbacks.signal_at.step=1", f"+callbacks.signal_at.sig={sig}", f"hydra.sweep.dir={tmp_path}/sw")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "sweep stopped" in r.stderr and "resume=" in r.stderr
+    jobs = sorted(p.name for p in (tmp_path / "sw").iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert jobs == ["0_fcn_baseline"]  # the second job never started
+    job = tmp_path / "sw" / jobs[0]
+    assert not (job / "FAILED.json").exists() and (job / "checkpoints" / "last.ckpt").is_file()
