@@ -139,13 +139,18 @@ def test_bad_weights_give_one_line_error(tmp_path):
 def test_imagenet_weights_offline_error(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty cache; no network here
 
-    def offline(*a, **k):
+    calls = []
+
+    def offline(url, *a, **k):
+        calls.append(url)
         raise OSError("network unreachable")
 
-    monkeypatch.setattr("torch.hub.load_state_dict_from_url", offline)
+    # torchvision's weight enums call the name they imported into torchvision.models._api, not torch.hub's
+    monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", offline)
     with pytest.raises(WeightsError) as err:
         ResNet34Transfer(weights="imagenet")
-    assert "model.weights=" in str(err.value) and "\n" not in str(err.value)
+    assert "model.weights=" in str(err.value) and "\n" not in str(err.value) and "OSError" in str(err.value)
+    assert calls and calls[0].endswith("resnet34-b627a593.pth")  # the real download path was taken
 
 
 def test_cached_features_train_the_decoder_without_re_encoding():

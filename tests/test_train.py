@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from torchvision.models import resnet34
 
 from segvoc.config import CONF_DIR, REPO_ROOT
@@ -121,7 +122,20 @@ def test_reference_presets_train_with_aux_loss(preset, smoke_cfg, tmp_path):
     cfg = smoke_cfg(f"experiment={preset}", "model.weights=none", "trainer.max_epochs=1", "data.subset=2",
                     "data.batch_size=2", "scheduler.scheduler.total_iters=null")
     assert cfg.scheduler.name == "poly" and cfg.model.aux_loss
-    metrics = train(cfg)
+    from segvoc.losses import CrossEntropy
+
+    aux_terms = []
+    forward = CrossEntropy.forward
+
+    def spy(self, output, target):  # record that training sees the aux head's output and weights it
+        if isinstance(output, dict):
+            aux_terms.append((set(output), self.aux_weight))
+        return forward(self, output, target)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(CrossEntropy, "forward", spy)
+        metrics = train(cfg)
+    assert aux_terms and all(keys == {"out", "aux"} and w == 0.5 for keys, w in aux_terms)
     assert 0 <= metrics["test"]["miou"] <= 1
 
 
@@ -132,3 +146,100 @@ def test_aux_output_adds_weighted_aux_loss():
     target = torch.tensor([[[0, 1], [2, 255]]])
     out, aux = torch.randn(1, 3, 2, 2), torch.randn(1, 3, 2, 2)
     assert torch.allclose(ce({"out": out, "aux": aux}, target), ce(out, target) + 0.5 * ce(aux, target))
+
+
+def test_weighted_loss_is_applied_during_fit(smoke_cfg, monkeypatch):
+    """The training steps' cross-entropy really receives the class weights (background x80 included)."""
+    import torch.nn.functional as F
+
+    from segvoc.data.datamodule import build_datamodule
+    from segvoc.train import class_weights_for
+
+    cfg = smoke_cfg("loss=weighted_ce", "loss.background_scale=80", "trainer.max_epochs=1")
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
+    expected = torch.tensor(class_weights_for(cfg, dm), dtype=torch.float32)
+    seen = []
+    cross_entropy = F.cross_entropy
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("weight"))
+        return cross_entropy(*args, **kwargs)
+
+    monkeypatch.setattr(F, "cross_entropy", spy)
+    train(cfg)
+    assert seen and all(w is not None and torch.equal(w.cpu(), expected) for w in seen)
+    assert expected[0] > 0 and expected[0] == pytest.approx(80 * (expected[0] / 80))
+
+
+def test_ckpt_path_starts_a_new_run_from_a_checkpoint(smoke_cfg, tmp_path):
+    """``ckpt_path=<file>`` continues training from that state in a new run directory."""
+    first = tmp_path / "first"
+    train(smoke_cfg(f"paths.output_dir={first}", "trainer.max_epochs=1"))
+    ckpt = first / "checkpoints" / "last.ckpt"
+    second = tmp_path / "second"
+    metrics = train(smoke_cfg(f"paths.output_dir={second}", f"ckpt_path={ckpt}", "trainer.max_epochs=2"))
+    after = torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)
+    before = torch.load(ckpt, weights_only=True)
+    assert after["epoch"] == 1 and after["global_step"] == 2 * before["global_step"]  # one more epoch, not two
+    assert (second / "metrics.json").is_file() and 0 <= metrics["test"]["miou"] <= 1
+    assert torch.load(ckpt, weights_only=True)["global_step"] == before["global_step"]  # the source is untouched
+
+
+def test_train_aug_split_reads_segmentation_class_aug(tmp_path, synthetic_root):
+    """``data.train_split=train_aug`` trains on ``train_aug.txt`` with masks from ``SegmentationClassAug``."""
+    import shutil
+
+    from segvoc.data.datamodule import build_datamodule
+    from tests.conftest import make_cfg
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    voc = root / "VOCdevkit" / "VOC2012"
+    sets = voc / "ImageSets" / "Segmentation"
+    aug_ids = (sets / "train.txt").read_text().split()[:6]
+    (sets / "train_aug.txt").write_text("\n".join(aug_ids) + "\n")
+    (voc / "SegmentationClassAug").mkdir()
+    for i in aug_ids:  # a different mask than SegmentationClass: all background, so the source is visible
+        mask = Image.open(voc / "SegmentationClass" / f"{i}.png")
+        blank = Image.new("P", mask.size, 0)
+        blank.putpalette(mask.getpalette())
+        blank.save(voc / "SegmentationClassAug" / f"{i}.png")
+    cfg = make_cfg(tmp_path / "run", "data=synthetic", "debug=smoke", "data.synthetic=null",
+                   "data.train_split=train_aug", "data.subset=null", "trainer.max_epochs=1", data_root=root)
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
+    assert dm.splits["train"] == aug_ids
+    masks = [dm.datasets["train"][k]["mask"] for k in range(len(aug_ids))]
+    assert all(set(m.unique().tolist()) <= {0, 255} for m in masks)
+    assert 0 <= train(cfg)["test"]["miou"] <= 1
+
+
+def _choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (REPO_ROOT / "conf" / group).glob("*.yaml"))
+
+
+CPU_TRAINERS = ["cpu", "default"]  # gpu, ddp need CUDA; ddp_cpu runs in test_scale (processes)
+GROUP_CHOICES = [(g, c) for g in ("model", "optimizer", "scheduler", "loss", "augment", "logger", "callbacks",
+                                  "infer", "perf", "debug") for c in _choices(g)]
+GROUP_CHOICES += [("trainer", c) for c in CPU_TRAINERS] + [("data", "voc_mini"), ("data", "synthetic")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("group", "choice"), GROUP_CHOICES, ids=[f"{g}={c}" for g, c in GROUP_CHOICES])
+def test_every_documented_choice_runs(group, choice, tmp_path, synthetic_root, voc_mini):
+    """Each choice of each config group composes with the others (debug=smoke, the defaults) and runs a tiny
+    fit + test on the CPU."""
+    from tests.conftest import make_cfg
+
+    overrides = {"data": "synthetic", "debug": "smoke", group: choice}
+    root = voc_mini if overrides["data"] == "voc_mini" else synthetic_root
+    args = [f"{g}={c}" for g, c in overrides.items()]
+    args += ["data.synthetic=null"] if overrides["data"] == "synthetic" else []
+    args += ["trainer.max_epochs=1", "data.subset=2", "data.batch_size=2", "data.image_size=64",
+             "data.num_workers=0", "trainer.accelerator=cpu"]
+    cfg = make_cfg(tmp_path, *args, data_root=root)
+    if "weights" in cfg.model:  # no ImageNet download here
+        cfg.model.weights = "none"
+    metrics = train(cfg)
+    assert 0 <= metrics["test"]["miou"] <= 1
