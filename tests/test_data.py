@@ -75,7 +75,7 @@ def test_datamodule_writes_splits_and_pads_eval_batches(voc_mini, tmp_path):
     assert batch["image"].shape == (2, 3, 366, 500)  # full resolution, padded to the larger image
     assert (batch["mask"][1, 335:] == 255).all()  # padding is ignored, never a class
     train = next(iter(dm.train_dataloader()))
-    assert train["image"].shape[-2:] == (320, 320)
+    assert train["image"].shape[-2:] == (384, 512)  # augment=none: native scale, padded to multiples of 32
 
 
 def test_augmentation_keeps_alignment_and_invents_no_labels():
@@ -100,6 +100,22 @@ def test_augmentation_keeps_alignment_and_invents_no_labels():
                 if interior.sum() > 20:
                     diff = np.abs(img[interior].astype(int) - VOC_COLORMAP[c]).max(1)
                     assert (diff <= 2).mean() > 0.99
+
+
+@pytest.mark.parametrize(("h", "w", "size"), [(375, 500, 320), (500, 333, 320), (60, 80, 64), (60, 80, 96)])
+def test_no_augmentation_keeps_the_native_scale(h, w, size):
+    """augment=none trains at the scale val/test are scored at: the image is only padded (0, mask 255), never
+    resized, to at least data.image_size and to a multiple of 32."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    mask = rng.integers(0, 21, (h, w), dtype=np.uint8)
+    cfg = compose(["paths.output_dir=/tmp", "augment=none", f"data.image_size={size}"])
+    out = build_pipeline(cfg.augment.train)(image=image, mask=mask)
+    img, m = out["image"], out["mask"]
+    assert img.shape[0] >= max(h, size) and img.shape[1] >= max(w, size)
+    assert img.shape[0] % 32 == 0 and img.shape[1] % 32 == 0
+    assert np.array_equal(img[:h, :w], image) and np.array_equal(m[:h, :w], mask)
+    assert (m[h:] == 255).all() and (m[:, w:] == 255).all() and (img[h:] == 0).all()
 
 
 def test_flip_is_applied_to_both():

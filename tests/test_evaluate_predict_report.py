@@ -49,7 +49,31 @@ def test_evaluate_val_split_and_flip_tta_run(trained_run, tmp_path):
     val = _eval(trained_run, tmp_path / "v", "split=val")["val"]
     assert val == json.loads((trained_run / "metrics.json").read_text())["val"]
     flip = _eval(trained_run, tmp_path / "f", "tta=flip")["test"]
-    assert 0 <= flip["miou"] <= 1
+    assert flip["miou"] == pytest.approx(_flip_miou_by_hand(trained_run), abs=1e-12)
+
+
+def _flip_miou_by_hand(run: Path) -> float:
+    """Test mIoU of the run's best model with the flip average computed here: softmax of the image's logits and of
+    the mirrored image's mirrored logits, averaged; confusion matrix in numpy."""
+    from segvoc.checkpoint import load_task
+
+    task, cfg = load_task(run / "checkpoints" / "best.ckpt", InferenceConfig(tta="flip"))
+    voc = Path(cfg.data.root) / "VOCdevkit" / "VOC2012"
+    cm = np.zeros((21, 21), np.int64)
+    for i in (run / "splits" / "test.txt").read_text().split():
+        image = torch.from_numpy(np.asarray(Image.open(voc / "JPEGImages" / f"{i}.jpg").convert("RGB")).copy())
+        image = image.permute(2, 0, 1)[None]
+        x = task.normalize(image)
+        with torch.no_grad():
+            p = (task.model(x).softmax(1) + task.model(x.flip(-1)).flip(-1).softmax(1)) / 2
+            assert torch.allclose(task.predict_scores(image)[0], p, atol=1e-6)  # the probabilities themselves
+        pred = p.argmax(1)[0].numpy()
+        gt = np.asarray(Image.open(voc / "SegmentationClass" / f"{i}.png")).astype(np.int64)
+        keep = gt != 255
+        np.add.at(cm, (gt[keep], pred[keep]), 1)
+    inter = np.diag(cm)
+    union = cm.sum(0) + cm.sum(1) - inter
+    return float(np.mean(inter[union > 0] / union[union > 0]))
 
 
 def _write_inputs(folder: Path) -> dict[str, tuple[int, int]]:

@@ -243,3 +243,22 @@ def test_every_documented_choice_runs(group, choice, tmp_path, synthetic_root, v
         cfg.model.weights = "none"
     metrics = train(cfg)
     assert 0 <= metrics["test"]["miou"] <= 1
+
+
+@pytest.mark.slow
+def test_overfitted_real_images_score_at_evaluation_what_they_scored_in_training(voc_mini, tmp_path):
+    """augment=none trains at the native scale evaluation uses. Two real VOC images, overfitted, are then scored
+    at full resolution (val and test both hold one of them): with training images shrunk to data.image_size
+    (before), pixel accuracy was 0.84 / 0.96 here; at the same scale it is the training fit, above 0.97."""
+    import shutil
+
+    from tests.conftest import make_cfg
+
+    shutil.copytree(voc_mini, tmp_path / "VOC2012")
+    sets = tmp_path / "VOC2012" / "ImageSets" / "Segmentation"
+    (sets / "val.txt").write_text((sets / "train.txt").read_text())  # score the training images themselves
+    cfg = make_cfg(tmp_path / "run", "experiment=4a_baseline", "debug=overfit", "data.image_size=160",
+                   "trainer.max_epochs=60", "+trainer.check_val_every_n_epoch=60", "logger=none",
+                   data_root=tmp_path / "VOC2012")
+    metrics = train(cfg)
+    assert metrics["val"]["pixel_acc"] > 0.97 and metrics["test"]["pixel_acc"] > 0.97, metrics
