@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXP ?= experiment=4a_baseline
 
-.PHONY: install demo train test lint report bench tensorboard clean
+.PHONY: install demo train test test-fast lint report bench tensorboard clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,11 @@ demo: install  ## offline end-to-end: synthetic data -> train 4a baseline -> eva
 train: install  ## make train EXP="experiment=5b_transfer trainer=gpu"
 	$(PY) -m segvoc.train $(EXP)
 
-test: install  ## the whole test suite (CPU, ~5 min on 2 cores)
+test: install  ## the whole test suite (CPU; see README for the measured time)
 	$(PY) -m pytest -q
+
+test-fast: install  ## the inner loop: everything but the end-to-end subprocess runs marked slow
+	$(PY) -m pytest -q -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check segvoc tests

@@ -53,6 +53,7 @@ def test_checker_lists_every_bad_pair(voc_mini, tmp_path):
     assert report["counts"][0] > 0 and report["counts"][1] > 0  # the good pairs were still counted
 
 
+@pytest.mark.slow
 def test_checker_cli_exit_codes(voc_mini, tmp_path):
     ok = _cli("segvoc.data.check", f"data.root={voc_mini}", f"paths.output_root={tmp_path}")
     assert ok.returncode == 0 and "no problems found" in ok.stdout and "train 2" in ok.stdout
@@ -65,6 +66,7 @@ def test_checker_cli_exit_codes(voc_mini, tmp_path):
     assert bad.stderr.strip().splitlines()[-1].startswith("error:") and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 def test_unknown_names_and_keys_name_the_choices(tmp_path):
     r = _cli("segvoc.train", "model=resnet99", f"paths.output_root={tmp_path}")
     assert r.returncode != 0 and "model/resnet99" in r.stderr and "fcn_baseline" in r.stderr
@@ -74,6 +76,7 @@ def test_unknown_names_and_keys_name_the_choices(tmp_path):
     assert r.returncode != 0 and "max_epoch" in r.stderr
 
 
+@pytest.mark.slow
 def test_missing_weights_cli_is_one_line(tmp_path, synthetic_root):
     r = _cli("segvoc.train", "model=resnet34_transfer", f"model.weights={tmp_path}/nope.pth", "data=synthetic",
              "data.synthetic=null", f"data.root={synthetic_root}", "debug=smoke", f"paths.output_root={tmp_path}")
@@ -115,6 +118,7 @@ def test_predict_survives_odd_inputs(tiny_ckpt, tmp_path):
     assert sizes == {"deep16": (61, 45), "rotated": (30, 50), "huge": (4000, 3000)}  # EXIF-rotated: 30 wide
 
 
+@pytest.mark.slow
 def test_predict_nothing_readable_is_an_error(tiny_ckpt, tmp_path):
     src = tmp_path / "in"
     src.mkdir()

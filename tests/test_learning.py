@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+import pytest
 import torch
 
 from segvoc.data.voc import VOCSegmentation
@@ -13,6 +14,7 @@ from segvoc.models import FCNBaseline
 from segvoc.task import SegmentationTask
 
 
+@pytest.mark.slow
 def test_baseline_overfits_two_real_images(voc_mini):
     ds = VOCSegmentation(voc_mini, ["2007_000032", "2007_000039"])
     images, masks = [], []

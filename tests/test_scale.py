@@ -12,7 +12,8 @@ import pytest
 
 from segvoc.config import REPO_ROOT
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="multi-process tests are run on Linux")
+pytestmark = [pytest.mark.skipif(sys.platform != "linux", reason="multi-process tests are run on Linux"),
+              pytest.mark.slow]
 
 
 def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -85,7 +86,6 @@ def test_optuna_search_two_trials(tmp_path, synthetic_root):
     assert "best_params" in best and "optimizer.lr" in best
 
 
-@pytest.mark.slow
 def test_failing_job_does_not_stop_the_sweep_but_fails_it(tmp_path, synthetic_root):
     r = _cli("segvoc.train", "-m", "optimizer.lr=1e30,1e-3", *_smoke(synthetic_root), "data.image_size=64",
              "trainer.log_every_n_steps=1", "trainer.max_epochs=3", f"hydra.sweep.dir={tmp_path}/sw")
@@ -97,7 +97,6 @@ def test_failing_job_does_not_stop_the_sweep_but_fails_it(tmp_path, synthetic_ro
     assert f"FAILED {failed_job}" in r.stdout
 
 
-@pytest.mark.slow
 def test_sweep_where_every_job_fails_exits_nonzero(tmp_path, synthetic_root):
     r = _cli("segvoc.train", "-m", "optimizer.lr=1e30,1e31", *_smoke(synthetic_root), "data.image_size=64",
              "trainer.log_every_n_steps=1", "trainer.max_epochs=3", f"hydra.sweep.dir={tmp_path}/sw")
@@ -105,7 +104,6 @@ def test_sweep_where_every_job_fails_exits_nonzero(tmp_path, synthetic_root):
     assert "0 finished, 2 failed" in r.stdout
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("sig", [15, 2])  # SIGTERM, SIGINT
 def test_interrupt_stops_the_whole_sweep(tmp_path, synthetic_root, sig):
     """An interrupted job is not a failed job: the sweep stops (non-zero) instead of starting the next job."""

@@ -95,6 +95,7 @@ def _cli(*args: str, cwd: Path, env_extra: dict | None = None) -> subprocess.Com
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_multirun_sweep_over_losses(tmp_path, synthetic_root):
     out = tmp_path / "outputs"
     r = _cli("segvoc.train", "-m", "loss=ce,weighted_ce", "data=synthetic", "data.synthetic=null",
@@ -110,6 +111,7 @@ def test_multirun_sweep_over_losses(tmp_path, synthetic_root):
     assert losses[0] != losses[1]
 
 
+@pytest.mark.slow
 def test_missing_data_is_one_line_and_nonzero(tmp_path):
     r = _cli("segvoc.train", f"data.root={tmp_path}/nope", f"paths.output_root={tmp_path}/o", cwd=REPO_ROOT)
     assert r.returncode == 2
