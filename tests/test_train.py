@@ -264,3 +264,15 @@ def test_overfitted_real_images_score_at_evaluation_what_they_scored_in_training
                    data_root=tmp_path / "VOC2012")
     metrics = train(cfg)
     assert metrics["val"]["pixel_acc"] > 0.97 and metrics["test"]["pixel_acc"] > 0.97, metrics
+
+
+@pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "ddp_cpu", "default"])
+@pytest.mark.parametrize("experiment", ["4a_baseline", "5b_transfer", "ref_deeplabv3_resnet50"])
+def test_debug_smoke_composes_with_every_trainer_and_experiment(trainer, experiment, tmp_path):
+    from segvoc.config import compose
+
+    cfg = compose([f"paths.output_dir={tmp_path}", f"trainer={trainer}", f"experiment={experiment}", "debug=smoke"])
+    assert (cfg.data.subset, cfg.data.image_size, cfg.trainer.max_epochs) == (8, 64, 2)
+    plain = compose([f"paths.output_dir={tmp_path}", f"trainer={trainer}", f"experiment={experiment}"])
+    assert cfg.trainer.accelerator == plain.trainer.accelerator and cfg.trainer.get("strategy") == \
+        plain.trainer.get("strategy") and cfg.model.name == plain.model.name
