@@ -30,9 +30,10 @@ from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
+from segvoc.builders import build_datamodule, build_model, build_task, build_trainer
 from segvoc.config import CONF_DIR, compose
+from segvoc.feature_cache import FeatureCache
 from segvoc.losses import CrossEntropy
-from segvoc.models import build_model
 
 REPORT_MODELS = ["fcn_baseline", "fcn_dilated", "resnet34_transfer", "unet"]
 REFERENCE_MODELS = ["fcn_resnet50", "deeplabv3_resnet50"]
@@ -107,9 +108,11 @@ def plain_train(cfg: Any, args: argparse.Namespace, size: int, device: torch.dev
     cached_s = None
     if getattr(model, "freeze_encoder", False) and hasattr(model, "decode"):
         # model.cache_features: the decoder trains from features computed once per image
+        cache, ids = FeatureCache(model), [str(k) for k in range(len(x))]
         with _autocast(device, args.precision):
-            feats = model.encode(norm(x).contiguous(memory_format=cl))
-        cached_s = _seconds_per_step(make_step(lambda: model.decode(feats)), 1, args.steps, device)
+            cache.logits(norm(x).contiguous(memory_format=cl), ids)  # fills the cache
+        cached_s = _seconds_per_step(make_step(lambda: cache.logits(norm(x).contiguous(memory_format=cl), ids)), 1,
+                                     args.steps, device)
 
     flop = FlopCounterMode(display=False)
     with flop:
@@ -158,13 +161,10 @@ def _repeat(batch: dict, n: int) -> DataLoader:
 
 def task_train(cfg: Any, args: argparse.Namespace, size: int, device: torch.device) -> float:
     """img/s of the same steps through ``Trainer.fit`` + ``SegmentationTask`` with a real run's callbacks/logging."""
-    from segvoc.task import SegmentationTask
-    from segvoc.train import build_trainer
-
     x, y = _batch(args, size, device)
     batch = {"image": x, "mask": y, "id": ["bench"] * len(x)}
     val = {"image": x[:1, :, :32, :32], "mask": y[:1, :32, :32], "id": ["bench"]}
-    task = SegmentationTask.from_config(cfg, pretrained=False)
+    task = build_task(cfg, pretrained=False)
     trainer = build_trainer(cfg)
     timer = StepTimer(args.warmup, args.steps, device)
     trainer.callbacks.append(timer)
@@ -176,8 +176,6 @@ def task_train(cfg: Any, args: argparse.Namespace, size: int, device: torch.devi
 
 def loader_speed(args: argparse.Namespace, out: Path, batches: int) -> dict[str, float]:
     """img/s delivered by the real train DataModule (synthetic tree, default workers) after the first batch."""
-    from segvoc.data.datamodule import build_datamodule
-
     cfg = compose(["data=synthetic", f"paths.output_dir={out}", f"data.image_size={args.image_size}",
                    f"data.batch_size={args.batch_size}", "augment=report", "data.synthetic.num_train=256",
                    f"data.pin_memory={str(args.device == 'cuda').lower()}"]

@@ -1,16 +1,27 @@
-"""Loading segvoc checkpoints safely (weights only) back into a ``SegmentationTask``."""
+"""Checkpoint files: written atomically, read safely (weights only), loaded into a task with a clear error."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from segvoc.errors import WeightsError
-from segvoc.inference import InferenceConfig
-from segvoc.task import SegmentationTask
+from segvoc.utils import atomic_write
+
+if TYPE_CHECKING:
+    from segvoc.task import SegmentationTask
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temp file in the same folder, fsyncs, then renames over the target:
+    a crash during a save never leaves a truncated ``.ckpt`` behind."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        atomic_write(path, lambda f: torch.save(checkpoint, f), binary=True)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -33,18 +44,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 def checkpoint_config(ckpt: dict[str, Any]) -> DictConfig:
     """The run config stored in a checkpoint."""
     return OmegaConf.create(ckpt["hyper_parameters"]["cfg"])
-
-
-def load_task(path: str | Path, inference: InferenceConfig | None = None) -> tuple[SegmentationTask, DictConfig]:
-    """Rebuild the task of a checkpoint (no pretrained download: the checkpoint holds every weight)."""
-    ckpt = read_checkpoint(path)
-    cfg = checkpoint_config(ckpt)
-    task = SegmentationTask.from_config(cfg, pretrained=False)
-    load_state(task, ckpt["state_dict"], path, cfg)
-    if inference is not None:
-        task.infer_cfg = inference
-    task.eval()
-    return task, cfg
 
 
 def load_state(task: SegmentationTask, state: dict[str, torch.Tensor], path: str | Path, cfg: DictConfig,

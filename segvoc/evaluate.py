@@ -14,15 +14,15 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from segvoc.checkpoint import load_task, read_checkpoint
-from segvoc.cli import run_app
+from segvoc.app import run_app
+from segvoc.builders import build_datamodule, build_trainer, load_task
+from segvoc.checkpoint import read_checkpoint
 from segvoc.config import carry_overrides, command_line_overrides  # also registers resolvers
-from segvoc.data.datamodule import build_datamodule
 from segvoc.errors import ConfigError
 from segvoc.inference import InferenceConfig
+from segvoc.runs import split_scores, write_scores
 from segvoc.tables import per_class_table
-from segvoc.train import build_trainer, split_scores
-from segvoc.utils import atomic_write_text, write_json
+from segvoc.utils import atomic_write_text
 
 log = logging.getLogger("segvoc.evaluate")
 
@@ -49,8 +49,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     run(task, datamodule=dm, verbose=False)
     metrics = {cfg.split: split_scores(task, cfg.split, epoch)}
     if trainer.is_global_zero:
-        write_json(out / "metrics.json", metrics)
-        write_json(out / "confusion.json", {cfg.split: task.scores[cfg.split]["confusion"].tolist()})
+        write_scores(out, task, metrics)
         table = per_class_table(task.scores[cfg.split], title=f"{cfg.split} ({Path(cfg.ckpt)}, tta={cfg.tta})")
         atomic_write_text(out / "per_class_iou.md", table)
         print(table, flush=True)

@@ -2,7 +2,7 @@
 
 ``mode``: ``whole`` (the image in one pass) or ``slide`` (overlapping windows, averaged; for large images).
 ``tta``: ``none``, ``flip`` (average with the horizontally flipped pass) or ``ms_flip`` (scales x flip).
-Multiple passes average softmax probabilities; a single pass returns raw logits.
+Every mode returns class log-probabilities; multiple passes average softmax probabilities.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -82,11 +84,11 @@ def single_pass(forward: Forward, x: torch.Tensor, cfg: InferenceConfig) -> torc
     return forward(x)
 
 
-def infer(forward: Forward, x: torch.Tensor, cfg: InferenceConfig) -> tuple[torch.Tensor, bool]:
-    """Scores for a normalised batch ``x`` (N,3,H,W): ``(logits, False)`` for a single pass, else
-    ``(mean softmax probabilities, True)`` over flips and scales."""
+def infer(forward: Forward, x: torch.Tensor, cfg: InferenceConfig) -> torch.Tensor:
+    """Class log-probabilities (N,C,H,W, float32) for a normalised batch ``x``: the log-softmax of a single pass,
+    or the log of the softmax probabilities averaged over flips (``flip``) and scales (``ms_flip``)."""
     if cfg.tta == "none":
-        return single_pass(forward, x, cfg), False
+        return single_pass(forward, x, cfg).float().log_softmax(1)
     h, w = x.shape[-2:]
     scales = cfg.scales if cfg.tta == "ms_flip" else (1.0,)
     probs = None
@@ -102,4 +104,19 @@ def infer(forward: Forward, x: torch.Tensor, cfg: InferenceConfig) -> tuple[torc
             p = logits.float().softmax(1)
             probs = p if probs is None else probs + p
     assert probs is not None
-    return probs / (2 * len(scales)), True
+    return (probs / (2 * len(scales))).clamp_min(1e-12).log()
+
+
+@torch.no_grad()
+def predict_mask(predict_log_probs: Forward, image: np.ndarray, device: torch.device | str = "cpu",
+                 max_side: int = 2048) -> np.ndarray:
+    """Class-index mask (H,W uint8) of one RGB uint8 image, at the image's own size. Images whose longest side
+    exceeds ``max_side`` are shrunk for inference and the mask is resized back (nearest)."""
+    h, w = image.shape[:2]
+    scale = min(1.0, max_side / max(h, w))
+    src = cv2.resize(image, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA) if scale < 1 else image
+    x = torch.from_numpy(np.ascontiguousarray(src.transpose(2, 0, 1)))[None].to(device)
+    mask = predict_log_probs(x).argmax(1)[0].to(torch.uint8).cpu().numpy()
+    if scale < 1:
+        mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
+    return mask

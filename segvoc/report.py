@@ -21,7 +21,7 @@ import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from segvoc import config as _config  # noqa: F401  (registers resolvers)
-from segvoc.cli import run_app
+from segvoc.app import run_app
 from segvoc.data.palette import VOC_CLASSES
 from segvoc.errors import ConfigError
 from segvoc.tables import fmt, markdown_table
@@ -113,12 +113,13 @@ def read_scalars(run_dir: Path, tags: Sequence[str]) -> dict[str, list[float]]:
 
 def loss_curve_png(run: Run, path: Path) -> bool:
     """Train and val loss per epoch (report Figures 1, 2, 4); False when the run logged none."""
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     s = read_scalars(run.path, ("train/loss_epoch", "val/loss"))
     if not any(s.values()):
         return False
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for tag, label in (("train/loss_epoch", "train"), ("val/loss", "validation")):
         if s[tag]:
             ax.plot(range(len(s[tag])), s[tag], marker="o", label=label)
@@ -129,14 +130,11 @@ def loss_curve_png(run: Run, path: Path) -> bool:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return True
 
 
 def confusion_png(run: Run, split: str, path: Path) -> bool:
     """Row-normalised confusion heat map from the run's ``confusion.json``."""
-    import matplotlib.pyplot as plt
-
     from segvoc.visualize import confusion_figure
 
     f = run.path / "confusion.json"
@@ -147,7 +145,6 @@ def confusion_png(run: Run, split: str, path: Path) -> bool:
         split = next(iter(mats))
     fig = confusion_figure(np.array(mats[split]), title=f"{run.experiment} ({split}, row-normalised)")
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return True
 
 
@@ -156,9 +153,8 @@ def predictions_png(run: Run, num_images: int, path: Path, device: str = "cpu") 
     import torch
     from PIL import Image
 
-    from segvoc.checkpoint import load_task
-    from segvoc.data.datamodule import build_datamodule
-    from segvoc.predict import predict_mask
+    from segvoc.builders import build_datamodule, load_task
+    from segvoc.inference import predict_mask
     from segvoc.visualize import prediction_grid
 
     ckpt = run.path / "checkpoints" / "best.ckpt"
@@ -174,7 +170,7 @@ def predictions_png(run: Run, num_images: int, path: Path, device: str = "cpu") 
     with torch.no_grad():
         for k in range(min(num_images, len(ds))):
             image, truth = ds.load(k)
-            rows.append((image, truth, predict_mask(task, image)))
+            rows.append((image, truth, predict_mask(task.predict_log_probs, image, device)))
     Image.fromarray(prediction_grid(rows)).save(path)
     return True
 
@@ -195,7 +191,7 @@ def results_markdown(runs: Sequence[Run], published: dict[str, Any]) -> str:
     out.write(markdown_table(("experiment", "val mIoU", "report", "val pixel acc", "report", "test mIoU", "report",
                               "test pixel acc", "report", "report source"), cmp_rows))
     out.write("\n## Per-class test IoU\n\n")
-    pc = [[r.label, *(r.metrics.get("test", {}).get("per_class_iou") or [None] * 21)] for r in runs]
+    pc = [[r.label, *(r.metrics.get("test", {}).get("per_class_iou") or [None] * len(VOC_CLASSES))] for r in runs]
     out.write(markdown_table(("run", *VOC_CLASSES), pc))
     return out.getvalue()
 
@@ -210,7 +206,7 @@ def build_report(sweep: str | Sequence[str], output: Path, published: dict[str, 
     writer = csv.DictWriter(buf, fieldnames=[*RESULT_COLUMNS, *(f"iou_{c}" for c in VOC_CLASSES)])
     writer.writeheader()
     for r in runs:
-        per_class = r.metrics.get("test", {}).get("per_class_iou") or [None] * 21
+        per_class = r.metrics.get("test", {}).get("per_class_iou") or [None] * len(VOC_CLASSES)
         writer.writerow({**{k: fmt(v, 6) if isinstance(v, float) else v for k, v in r.row().items()},
                          **{f"iou_{c}": fmt(v, 6) for c, v in zip(VOC_CLASSES, per_class, strict=False)}})
     atomic_write_text(output / "results.csv", buf.getvalue())

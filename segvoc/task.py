@@ -9,7 +9,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 from torchmetrics import MeanMetric
@@ -17,12 +17,10 @@ from torchmetrics import MeanMetric
 from segvoc.data.palette import VOC_CLASSES
 from segvoc.data.sampling import mix_seed
 from segvoc.data.transforms import Normalize
-from segvoc.errors import ConfigError, NonFiniteLossError
+from segvoc.errors import NonFiniteLossError
+from segvoc.feature_cache import FeatureCache
 from segvoc.inference import InferenceConfig, infer
-from segvoc.losses import CrossEntropy
 from segvoc.metrics import ConfusionMatrix, scores_from_confusion
-from segvoc.models import build_model
-from segvoc.perf import prepare_model
 
 EVAL_SPLITS = ("val", "test")
 
@@ -32,6 +30,7 @@ class SegmentationTask(pl.LightningModule):
 
     Batches hold uint8 images; normalisation runs on the device. After each val/test epoch the scores of
     the whole split are in ``self.scores[split]`` (see ``segvoc.metrics.scores_from_confusion``).
+    Built from a run config by ``segvoc.builders.build_task``.
     """
 
     def __init__(
@@ -48,6 +47,7 @@ class SegmentationTask(pl.LightningModule):
         inference: InferenceConfig | None = None,
         seed: int = 0,
         channels_last: bool = False,
+        feature_cache: FeatureCache | None = None,
         cfg: dict | None = None,
     ) -> None:
         super().__init__()
@@ -67,30 +67,7 @@ class SegmentationTask(pl.LightningModule):
         self.mean_loss = nn.ModuleDict({s: MeanMetric() for s in EVAL_SPLITS})
         self.scores: dict[str, dict[str, Any]] = {}
         self._samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self._feature_cache: dict[str, torch.Tensor] = {}
-
-    @classmethod
-    def from_config(cls, cfg: DictConfig, class_weights: Sequence[float] | None = None,
-                    pretrained: bool = True) -> SegmentationTask:
-        """Build model, loss and task from a composed run config (``conf/train.yaml``)."""
-        num_classes = int(cfg.data.num_classes)
-        criterion = CrossEntropy(num_classes, weight=class_weights,
-                                 weighted=cfg.loss.class_weights not in (None, "none"),
-                                 aux_weight=float(cfg.loss.get("aux_weight", 0.5)))
-        return cls(
-            model=prepare_model(build_model(cfg.model, num_classes, pretrained=pretrained), cfg.get("perf")),
-            criterion=criterion,
-            optimizer=cfg.optimizer,
-            scheduler=cfg.scheduler,
-            num_classes=num_classes,
-            mean=list(cfg.data.mean),
-            std=list(cfg.data.std),
-            log_images=int(cfg.get("log_images", 4)),
-            inference=InferenceConfig(**cfg.infer) if cfg.get("infer") else None,
-            seed=int(cfg.get("seed", 0)),
-            channels_last=bool((cfg.get("perf") or {}).get("channels_last", False)),
-            cfg=OmegaConf.to_container(cfg, resolve=True),
-        )
+        self.feature_cache = feature_cache
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         """Model output for uint8 images (N,3,H,W): logits (N,C,H,W), or ``{"out", "aux"}`` for aux heads."""
@@ -100,8 +77,9 @@ class SegmentationTask(pl.LightningModule):
         out = self.model(x)
         return out["out"] if isinstance(out, dict) else out
 
-    def predict_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """Evaluation scores for uint8 images under ``self.infer_cfg`` (see ``segvoc.inference.infer``)."""
+    def predict_log_probs(self, images: torch.Tensor) -> torch.Tensor:
+        """Class log-probabilities (N,C,H,W) for uint8 images under ``self.infer_cfg`` (``segvoc.inference.infer``):
+        whatever the TTA, the loss takes them as logits and their argmax is the prediction."""
         return infer(self._logits, self.normalize(images), self.infer_cfg)
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
@@ -109,8 +87,8 @@ class SegmentationTask(pl.LightningModule):
         torch.manual_seed(mix_seed(self.seed, self.global_step))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        if getattr(self.model, "cache_features", False):
-            logits = self._logits_from_cached_features(batch)
+        if self.feature_cache is not None:
+            logits = self.feature_cache.logits(self.normalize(batch["image"]), batch["id"])
         else:
             logits = self(batch["image"])
         loss = self.criterion(logits, batch["mask"])
@@ -120,21 +98,6 @@ class SegmentationTask(pl.LightningModule):
         self._first_bad_step = torch.where(bad & (self._first_bad_step < 0),
                                            torch.as_tensor(self.global_step, device=loss.device), self._first_bad_step)
         return loss
-
-    def _logits_from_cached_features(self, batch: dict) -> torch.Tensor:
-        """Frozen-encoder fast path (``model.cache_features``): encode each training image once, then train the
-        decoder from the cached features. Valid only when the training pipeline is deterministic (augment=none)."""
-        images = batch["image"]
-        h, w = images.shape[-2:]
-        if h % self.model.size_divisor or w % self.model.size_divisor:
-            raise ConfigError(f"model.cache_features needs training crops divisible by {self.model.size_divisor}; "
-                              f"got {h}x{w}: set data.image_size accordingly")
-        missing = [k for k, i in enumerate(batch["id"]) if i not in self._feature_cache]
-        if missing:
-            feats = self.model.encode(self.normalize(images[missing]))
-            for k, f in zip(missing, feats, strict=True):
-                self._feature_cache[batch["id"][k]] = f
-        return self.model.decode(torch.stack([self._feature_cache[i] for i in batch["id"]]))
 
     def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
         if (batch_idx + 1) % max(1, self.trainer.log_every_n_steps) == 0:
@@ -154,11 +117,10 @@ class SegmentationTask(pl.LightningModule):
             )
 
     def _eval_step(self, batch: dict, split: str, batch_idx: int) -> None:
-        scores, are_probs = self.predict_scores(batch["image"])
+        log_probs = self.predict_log_probs(batch["image"])
         masks = batch["mask"]
-        loss = self.criterion.nll(scores, masks) if are_probs else self.criterion(scores, masks)
-        self.mean_loss[split].update(loss, weight=len(masks))
-        preds = scores.argmax(1)
+        self.mean_loss[split].update(self.criterion(log_probs, masks), weight=len(masks))
+        preds = log_probs.argmax(1)
         self.confusion[split].update(preds, masks)
         if split == "val" and len(self._samples) < self.log_images and not self.trainer.sanity_checking:
             for k in range(min(len(masks), self.log_images - len(self._samples))):

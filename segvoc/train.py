@@ -16,108 +16,19 @@ import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
-from pytorch_lightning.callbacks import LearningRateMonitor
+from omegaconf import DictConfig
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from segvoc.callbacks import AtomicCheckpointIO, PreemptionCheckpoint
+from segvoc import config as _config  # noqa: F401  (registers resolvers before Hydra composes)
+from segvoc.app import quiet_library_noise, run_app
+from segvoc.builders import build_datamodule, build_task, build_trainer, class_weights_for
 from segvoc.checkpoint import checkpoint_config, load_state, read_checkpoint
-from segvoc.cli import quiet_library_noise, run_app
-from segvoc.config import carry_overrides  # also registers resolvers before Hydra composes
-from segvoc.data.datamodule import VOCDataModule, build_datamodule
-from segvoc.errors import ConfigError, InterruptedRun
-from segvoc.losses import cached_class_counts, inverse_frequency_weights
+from segvoc.errors import InterruptedRun
+from segvoc.interrupts import PreemptionCheckpoint
+from segvoc.runs import ensure_writable, resume_config, split_scores, write_scores
 from segvoc.sweep import record_failure
-from segvoc.task import SegmentationTask
-from segvoc.utils import write_json
 
 log = logging.getLogger("segvoc.train")
-
-METRIC_KEYS = ("loss", "miou", "pixel_acc", "mean_class_acc", "per_class_iou")
-
-
-def class_weights_for(cfg: DictConfig, dm: VOCDataModule) -> list[float] | None:
-    """Inverse-frequency weights over the training masks when ``loss.class_weights`` asks for them."""
-    if cfg.loss.class_weights in (None, "none"):
-        return None
-    if cfg.loss.class_weights != "inverse_frequency":
-        raise ConfigError(f"loss.class_weights={cfg.loss.class_weights!r}: use none or inverse_frequency")
-    ds = dm.datasets["train"]
-    paths = [ds.voc / ds.mask_dir / f"{i}.png" for i in ds.ids]
-    counts = cached_class_counts(paths, Path(cfg.paths.cache_dir), int(cfg.data.num_classes))
-    weights = inverse_frequency_weights(counts, float(cfg.loss.background_scale))
-    log.info("class weights: %s", " ".join(f"{w:.3g}" for w in weights))
-    return weights.tolist()
-
-
-def build_trainer(cfg: DictConfig, evaluation: bool = False, purge_step: int | None = None) -> pl.Trainer:
-    """``pl.Trainer`` from ``cfg.trainer`` with the configured callbacks and loggers, atomic checkpoint writes and
-    a checkpoint on SIGTERM/SIGINT.
-
-    ``evaluation=True``: no callbacks and no loggers (final scoring must not add points to the training curves).
-    ``purge_step``: TensorBoard drops events at or after this step (a resumed run re-logs them).
-    """
-    kwargs = dict(cfg.trainer)
-    if evaluation:
-        kwargs["enable_model_summary"] = False
-        return pl.Trainer(callbacks=[], logger=False, **kwargs)
-    out = Path(cfg.paths.output_dir)
-    loggers = []
-    for lg in (cfg.get("logger") or {}).values():
-        if lg:
-            extra = {"purge_step": purge_step} if purge_step and "TensorBoard" in lg.get("_target_", "") else {}
-            loggers.append(instantiate(lg, **extra))
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    if not loggers:  # logger=none: a learning-rate monitor has nowhere to write (Lightning refuses to start)
-        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    callbacks.append(PreemptionCheckpoint(out / "checkpoints", out))
-    return pl.Trainer(callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
-                      default_root_dir=str(out), **kwargs)
-
-
-# what may change when a run is resumed: where and how it runs, not what it trains
-RESUME_MAY_CHANGE = ("trainer", "callbacks", "logger", "perf", "infer", "paths", "data.root", "data.num_workers",
-                     "data.pin_memory", "data.download", "traceback", "log_images", "matmul_precision")
-
-
-def resume_config(cfg: DictConfig) -> DictConfig:
-    """The config of the run in ``cfg.resume`` (stored in its last checkpoint), set to continue from it.
-
-    What the user typed with ``resume=`` is applied on top when it only changes where and how the run goes on
-    (``trainer=ddp trainer.devices=4``, ``trainer.max_epochs=50``, ``data.root=...``); anything that would change
-    what is trained (``model=``, ``loss.*``, ``data.batch_size``, ...) is refused with one line naming the key.
-    """
-    run_dir = Path(cfg.resume).expanduser().resolve()
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if not last.is_file():
-        raise ConfigError(f"resume={run_dir}: no checkpoints/last.ckpt there; pass the run directory of a segvoc run")
-    run_cfg = carry_overrides(checkpoint_config(read_checkpoint(last)), cfg, RESUME_MAY_CHANGE,
-                              "a resumed run keeps what it was trained with; start a new run (without resume=)")
-    with open_dict(run_cfg):
-        run_cfg.paths.output_dir = str(run_dir)
-        run_cfg.ckpt_path = str(last)
-        run_cfg.resume = None
-    return run_cfg
-
-
-def ensure_writable(out: Path) -> None:
-    """Fail before any training when the run directory cannot be written."""
-    try:
-        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-        probe = out / "checkpoints" / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"{out}: run directory is not writable ({exc.strerror}); "
-                          "set paths.output_root (or SEGVOC_OUTPUTS) to a writable folder") from None
-
-
-def split_scores(task: SegmentationTask, split: str, epoch: int | None) -> dict[str, Any]:
-    """The ``metrics.json`` entry of one split."""
-    scores = task.scores[split]
-    return {**{k: scores[k] for k in METRIC_KEYS}, "epoch": epoch}
-
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, then validate and test the best checkpoint; returns (and writes) the metrics dict."""
@@ -127,13 +38,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ensure_writable(out)
     pl.seed_everything(int(cfg.seed), workers=True)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
-    if cfg.model.get("cache_features") and cfg.augment.get("train") and cfg.augment.name != "none":
-        raise ConfigError(f"model.cache_features=true needs deterministic training inputs, but augment="
-                          f"{cfg.augment.name} is random; use augment=none or model.cache_features=false")
     dm = build_datamodule(cfg, split_dir=out / "splits")
     dm.prepare_data()
     dm.setup("fit")
-    task = SegmentationTask.from_config(cfg, class_weights=class_weights_for(cfg, dm))
+    task = build_task(cfg, class_weights=class_weights_for(cfg, dm))
     ckpt_path = cfg.get("ckpt_path")
     purge_step = None
     if ckpt_path and Path(ckpt_path).is_file():
@@ -165,8 +73,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         run(task, datamodule=dm, verbose=False)
         metrics[split] = split_scores(task, split, epoch)
     if trainer.is_global_zero:
-        write_json(out / "metrics.json", metrics)
-        write_json(out / "confusion.json", {s: task.scores[s]["confusion"].tolist() for s in ("val", "test")})
+        write_scores(out, task, metrics)
         final = {"hp/val_miou": metrics["val"]["miou"], "hp/test_miou": metrics["test"]["miou"]}
         for lg in trainer.loggers:
             lg.log_hyperparams(task.hparams.get("cfg", {}), final)  # TensorBoard's HPARAMS tab: config + result

@@ -1,17 +1,14 @@
-"""Pictures: mask overlays, image | truth | prediction grids, and confusion-matrix heat maps."""
+"""Pictures: mask overlays (with a legend), image | truth | prediction grids, confusion-matrix heat maps."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import matplotlib
+import cv2
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from segvoc.data.palette import IGNORE_INDEX, VOC_CLASSES, colorize  # noqa: E402
+from segvoc.data.palette import IGNORE_INDEX, VOC_CLASSES, VOC_COLORMAP, colorize
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
@@ -30,8 +27,6 @@ def prediction_row(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np
 
 def prediction_grid(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], width: int = 256) -> np.ndarray:
     """Stack ``prediction_row``s, each resized (nearest) to ``width`` per panel, into one RGB image."""
-    import cv2
-
     out = []
     for image, truth, pred in rows:
         h, w = truth.shape
@@ -50,7 +45,8 @@ def confusion_figure(matrix: np.ndarray, class_names: Sequence[str] = VOC_CLASSE
     names = [n for n, k in zip(class_names, keep, strict=True) if k]
     norm = m / np.maximum(m.sum(1, keepdims=True), 1)
     size = 2 + 0.45 * len(names)
-    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    fig = Figure(figsize=(size + 1.5, size))  # matplotlib's object API: no pyplot state, no backend switch
+    ax = fig.subplots()
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(names)), names, rotation=90)
     ax.set_yticks(range(len(names)), names)
@@ -67,3 +63,20 @@ def confusion_figure(matrix: np.ndarray, class_names: Sequence[str] = VOC_CLASSE
     fig.tight_layout()
     return fig
 
+
+def overlay_with_legend(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """The blended overlay with a legend strip (colour swatch + class name) for the classes present."""
+    blended = overlay(image, mask, alpha)
+    present = [int(c) for c in np.unique(mask) if c < len(VOC_CLASSES)]
+    row_h = max(18, image.shape[0] // 25)
+    legend = np.full((row_h * len(present) + 8, max(170, image.shape[1] // 4), 3), 255, np.uint8)
+    for k, c in enumerate(present):
+        y = 4 + k * row_h
+        cv2.rectangle(legend, (6, y + 2), (6 + row_h - 4, y + row_h - 2), VOC_COLORMAP[c].tolist(), -1)
+        cv2.putText(legend, VOC_CLASSES[c], (row_h + 8, y + row_h - 5), cv2.FONT_HERSHEY_SIMPLEX,
+                    row_h / 36, (0, 0, 0), 1, cv2.LINE_AA)
+    h = max(blended.shape[0], legend.shape[0])
+    canvas = np.full((h, blended.shape[1] + legend.shape[1], 3), 255, np.uint8)
+    canvas[: blended.shape[0], : blended.shape[1]] = blended
+    canvas[: legend.shape[0], blended.shape[1]:] = legend
+    return canvas

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from segvoc.builders import build_datamodule
 from segvoc.config import compose
-from segvoc.data.datamodule import build_datamodule
 from segvoc.data.io import load_image, load_mask
 from segvoc.data.palette import VOC_COLORMAP, colorize, rgb_to_index
 from segvoc.data.transforms import build_pipeline, pad_collate
-from segvoc.data.voc import VOCSegmentation, make_splits, resolve_voc_root
+from segvoc.data.voc import VOCPairs, make_splits, resolve_voc_root
 from segvoc.errors import DatasetError
 
 EXPECTED = {"2007_000032": {0, 1, 15, 255}, "2007_000039": {0, 20, 255}, "2007_000033": {0, 1, 255},
@@ -24,7 +24,7 @@ EXPECTED = {"2007_000032": {0, 1, 15, 255}, "2007_000039": {0, 20, 255}, "2007_0
 
 
 def test_real_pairs_load_and_decode(voc_mini):
-    ds = VOCSegmentation(voc_mini, sorted(EXPECTED))
+    ds = VOCPairs(voc_mini, sorted(EXPECTED))
     for k, i in enumerate(ds.ids):
         image, mask = ds.load(k)
         assert image.dtype == np.uint8 and image.shape[2] == 3
@@ -191,7 +191,7 @@ def test_size_mismatch(tmp_path, voc_mini):
     m = Image.open(root / "SegmentationClass/2007_000032.png")
     m.crop((0, 0, 100, 100)).save(root / "SegmentationClass/2007_000032.png")
     with pytest.raises(DatasetError, match="same size"):
-        VOCSegmentation(root, ["2007_000032"])[0]
+        VOCPairs(root, ["2007_000032"])[0]
 
 
 def test_corrupt_and_truncated_images(tmp_path):
@@ -225,7 +225,7 @@ def test_download_failure_is_one_actionable_line(tmp_path, monkeypatch):
 def test_auto_loader_settings(monkeypatch):
     import os
 
-    from segvoc.data.datamodule import resolve_loader_settings
+    from segvoc.builders import resolve_loader_settings
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     assert resolve_loader_settings("auto", False) == (8, False)

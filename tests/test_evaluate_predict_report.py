@@ -55,7 +55,7 @@ def test_evaluate_val_split_and_flip_tta_run(trained_run, tmp_path):
 def _flip_miou_by_hand(run: Path) -> float:
     """Test mIoU of the run's best model with the flip average computed here: softmax of the image's logits and of
     the mirrored image's mirrored logits, averaged; confusion matrix in numpy."""
-    from segvoc.checkpoint import load_task
+    from segvoc.builders import load_task
 
     task, cfg = load_task(run / "checkpoints" / "best.ckpt", InferenceConfig(tta="flip"))
     voc = Path(cfg.data.root) / "VOCdevkit" / "VOC2012"
@@ -66,7 +66,7 @@ def _flip_miou_by_hand(run: Path) -> float:
         x = task.normalize(image)
         with torch.no_grad():
             p = (task.model(x).softmax(1) + task.model(x.flip(-1)).flip(-1).softmax(1)) / 2
-            assert torch.allclose(task.predict_scores(image)[0], p, atol=1e-6)  # the probabilities themselves
+            assert torch.allclose(task.predict_log_probs(image).exp(), p, atol=1e-6)  # the probabilities themselves
         pred = p.argmax(1)[0].numpy()
         gt = np.asarray(Image.open(voc / "SegmentationClass" / f"{i}.png")).astype(np.int64)
         keep = gt != 255
@@ -127,21 +127,21 @@ def test_flip_tta_is_identity_for_a_mirror_symmetric_model():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 17, 23)
     pointwise = torch.nn.Conv2d(3, 21, 1)  # 1x1 conv: commutes with a horizontal flip
-    logits, probs_flag = infer(pointwise, x, InferenceConfig(tta="none"))
-    probs, flag = infer(pointwise, x, InferenceConfig(tta="flip"))
-    assert not probs_flag and flag
-    assert torch.allclose(probs, logits.softmax(1), atol=1e-6)
+    none = infer(pointwise, x, InferenceConfig(tta="none"))
+    flip = infer(pointwise, x, InferenceConfig(tta="flip"))
+    assert torch.allclose(none, pointwise(x).log_softmax(1), atol=1e-6)
+    assert torch.allclose(flip, none, atol=1e-5)
     asymmetric = torch.nn.Conv2d(3, 21, (1, 3), padding=(0, 1))
-    p_none = infer(asymmetric, x, InferenceConfig())[0].softmax(1)
-    assert not torch.allclose(infer(asymmetric, x, InferenceConfig(tta="flip"))[0], p_none, atol=1e-4)
+    p_none = infer(asymmetric, x, InferenceConfig())
+    assert not torch.allclose(infer(asymmetric, x, InferenceConfig(tta="flip")), p_none, atol=1e-4)
 
 
 def test_slide_inference_matches_whole_for_pointwise_model():
     torch.manual_seed(0)
     x = torch.randn(1, 3, 70, 90)
     pointwise = torch.nn.Conv2d(3, 21, 1)
-    whole = infer(pointwise, x, InferenceConfig())[0]
-    slide = infer(pointwise, x, InferenceConfig(mode="slide", window=32, stride=20))[0]
+    whole = infer(pointwise, x, InferenceConfig())
+    slide = infer(pointwise, x, InferenceConfig(mode="slide", window=32, stride=20))
     assert torch.allclose(whole, slide, atol=1e-5)
 
 
@@ -179,12 +179,12 @@ def test_ms_flip_averages_six_passes_at_three_scales():
         sizes.append(tuple(inp.shape[-2:]))
         return bias.view(1, 21, 1, 1).expand(inp.shape[0], 21, *inp.shape[-2:]).clone()
 
-    probs, are_probs = infer(constant, x, InferenceConfig(tta="ms_flip", scales=(0.5, 1.0, 1.5)))
-    assert are_probs and probs.shape == (1, 21, 20, 28)
+    probs = infer(constant, x, InferenceConfig(tta="ms_flip", scales=(0.5, 1.0, 1.5))).exp()
+    assert probs.shape == (1, 21, 20, 28)
     assert sorted(set(sizes)) == [(10, 14), (20, 28), (30, 42)] and len(sizes) == 6
     assert torch.allclose(probs, bias.softmax(0).view(1, 21, 1, 1).expand_as(probs), atol=1e-6)
-    only_full, _ = infer(constant, x, InferenceConfig(tta="ms_flip", scales=(1.0,)))
-    assert torch.equal(only_full, infer(constant, x, InferenceConfig(tta="flip"))[0])
+    only_full = infer(constant, x, InferenceConfig(tta="ms_flip", scales=(1.0,)))
+    assert torch.equal(only_full, infer(constant, x, InferenceConfig(tta="flip")))
 
 
 def test_evaluate_slide_and_ms_flip_on_non_square_images(trained_run, tmp_path):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from segvoc.data.voc import VOCSegmentation
+from segvoc.data.voc import VOCPairs
 from segvoc.losses import CrossEntropy
 from segvoc.metrics import confusion_counts, scores_from_confusion
 from segvoc.models import FCNBaseline
@@ -16,7 +16,7 @@ from segvoc.task import SegmentationTask
 
 @pytest.mark.slow
 def test_baseline_overfits_two_real_images(voc_mini):
-    ds = VOCSegmentation(voc_mini, ["2007_000032", "2007_000039"])
+    ds = VOCPairs(voc_mini, ["2007_000032", "2007_000039"])
     images, masks = [], []
     for k in range(len(ds)):
         image, mask = ds.load(k)

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from segvoc.losses import class_pixel_counts, inverse_frequency_weights
+from segvoc.data.statistics import class_pixel_counts
 from segvoc.metrics import ConfusionMatrix, confusion_counts, scores_from_confusion
+from segvoc.weighting import inverse_frequency_weights
 
 
 def test_confusion_counts_by_hand():

@@ -154,24 +154,30 @@ def test_imagenet_weights_offline_error(tmp_path, monkeypatch):
 
 
 def test_cached_features_train_the_decoder_without_re_encoding():
-    from segvoc.losses import CrossEntropy
-    from segvoc.task import SegmentationTask
+    from segvoc.feature_cache import FeatureCache
 
     torch.manual_seed(0)
-    model = ResNet34Transfer(weights="none", cache_features=True)
-    task = SegmentationTask(model, CrossEntropy(21), optimizer={"_target_": "torch.optim.Adam"}).train()
+    model = ResNet34Transfer(weights="none").train()
+    cache = FeatureCache(model)
     calls = []
     model.encoder.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
-    batch = {"image": torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8),
-             "mask": torch.randint(0, 21, (2, 64, 64), dtype=torch.uint8), "id": ["a", "b"]}
-    cached = task._logits_from_cached_features(batch)
-    again = task._logits_from_cached_features(batch)
+    images = torch.randn(2, 3, 64, 64)
+    cached = cache.logits(images, ["a", "b"])
+    again = cache.logits(images, ["a", "b"])
     assert calls == [2]  # encoded once, reused on the second step
-    direct = task(batch["image"])
+    direct = model(images)
     assert torch.allclose(cached, direct, atol=1e-5) and torch.allclose(again, direct, atol=1e-5)
     calls.clear()
-    task._logits_from_cached_features({**batch, "id": ["a", "c"]})
+    cache.logits(images, ["a", "c"])
     assert calls == [1]  # only the new image is encoded
+
+
+def test_cached_features_need_a_frozen_encoder():
+    from segvoc.errors import ConfigError
+    from segvoc.feature_cache import FeatureCache
+
+    with pytest.raises(ConfigError, match="needs a frozen encoder"):
+        FeatureCache(ResNet34Transfer(weights="none", freeze_encoder=False))
 
 
 def test_cached_features_refuse_random_augmentation(smoke_cfg):

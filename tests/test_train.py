@@ -76,8 +76,7 @@ def test_seeded_runs_are_reproducible(smoke_cfg, tmp_path):
 
 
 def test_weighted_loss_uses_cached_inverse_frequency_weights(smoke_cfg, tmp_path):
-    from segvoc.data.datamodule import build_datamodule
-    from segvoc.train import class_weights_for
+    from segvoc.builders import build_datamodule, class_weights_for
 
     cfg = smoke_cfg("loss=weighted_ce", "loss.background_scale=80")
     dm = build_datamodule(cfg)
@@ -154,8 +153,7 @@ def test_weighted_loss_is_applied_during_fit(smoke_cfg, monkeypatch):
     """The training steps' cross-entropy really receives the class weights (background x80 included)."""
     import torch.nn.functional as F
 
-    from segvoc.data.datamodule import build_datamodule
-    from segvoc.train import class_weights_for
+    from segvoc.builders import build_datamodule, class_weights_for
 
     cfg = smoke_cfg("loss=weighted_ce", "loss.background_scale=80", "trainer.max_epochs=1")
     dm = build_datamodule(cfg)
@@ -192,7 +190,7 @@ def test_train_aug_split_reads_segmentation_class_aug(tmp_path, synthetic_root):
     """``data.train_split=train_aug`` trains on ``train_aug.txt`` with masks from ``SegmentationClassAug``."""
     import shutil
 
-    from segvoc.data.datamodule import build_datamodule
+    from segvoc.builders import build_datamodule
     from tests.conftest import make_cfg
 
     root = tmp_path / "data"

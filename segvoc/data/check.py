@@ -15,17 +15,17 @@ from omegaconf import DictConfig
 from rich.progress import track
 
 from segvoc import config as _config  # noqa: F401  (registers resolvers)
-from segvoc.cli import run_app
+from segvoc.app import run_app
 from segvoc.data.palette import VOC_CLASSES
 from segvoc.data.synthetic import generate
-from segvoc.data.voc import VOCSegmentation, make_splits, mask_dir_for, resolve_voc_root
+from segvoc.data.voc import VOCPairs, make_splits, mask_dir_for, resolve_voc_root
 from segvoc.errors import DatasetError
 from segvoc.tables import markdown_table
 
 
 def check_tree(root: str | Path, train_split: str = "train", test_fraction: float = 0.5, split_seed: int = 0,
                subset: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Decode every pair of every split; returns ``{"splits": {name: n}, "counts": [21], "problems": [...]}``.
+    """Decode every pair of every split; returns ``{"splits": {name: n}, "counts": [n per class], "problems": []}``.
 
     Layout and split-list errors raise ``DatasetError`` at once (nothing else can be checked then).
     """
@@ -34,8 +34,7 @@ def check_tree(root: str | Path, train_split: str = "train", test_fraction: floa
     counts = np.zeros(256, np.int64)
     problems: list[str] = []
     for name, ids in splits.items():
-        mask_dir = mask_dir_for(voc, train_split) if name == "train" else "SegmentationClass"
-        ds = VOCSegmentation(voc, ids, mask_dir)
+        ds = VOCPairs(voc, ids, mask_dir_for(voc, name, train_split))
         for k in track(range(len(ds)), description=f"checking {name}", disable=not progress, transient=True):
             try:
                 _, mask = ds.load(k)
@@ -43,8 +42,8 @@ def check_tree(root: str | Path, train_split: str = "train", test_fraction: floa
                 problems.append(str(exc))
                 continue
             counts += np.bincount(mask.reshape(-1), minlength=256)
-    return {"root": str(voc), "splits": {k: len(v) for k, v in splits.items()}, "counts": counts[:21].tolist(),
-            "ignored": int(counts[255]), "problems": problems}
+    return {"root": str(voc), "splits": {k: len(v) for k, v in splits.items()},
+            "counts": counts[:len(VOC_CLASSES)].tolist(), "ignored": int(counts[255]), "problems": problems}
 
 
 def check(cfg: DictConfig) -> dict[str, Any]:

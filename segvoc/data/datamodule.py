@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+import cv2
 import pytorch_lightning as pl
-import torch
 from lightning_fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
@@ -14,7 +13,7 @@ from torch.utils.data import DataLoader
 from segvoc.data import synthetic
 from segvoc.data.sampling import EpochShuffleSampler, ResumableLoader, ShardSampler
 from segvoc.data.transforms import build_pipeline, pad_collate
-from segvoc.data.voc import VOCSegmentation, make_splits, mask_dir_for, resolve_voc_root
+from segvoc.data.voc import VOCPairs, make_splits, mask_dir_for, resolve_voc_root
 
 
 class VOCDataModule(pl.LightningDataModule):
@@ -60,7 +59,7 @@ class VOCDataModule(pl.LightningDataModule):
         self.seed = seed
         self.voc: Path | None = None
         self.splits: dict[str, list[str]] = {}
-        self.datasets: dict[str, VOCSegmentation] = {}
+        self.datasets: dict[str, VOCPairs] = {}
 
     def prepare_data(self) -> None:
         """Generate the synthetic tree, or download VOC when asked (rank 0 only under DDP)."""
@@ -80,10 +79,9 @@ class VOCDataModule(pl.LightningDataModule):
         train_tf = build_pipeline(self.augment.get("train"))
         eval_tf = build_pipeline(self.augment.get("eval"))
         self.datasets = {
-            "train": VOCSegmentation(self.voc, self.splits["train"], mask_dir_for(self.voc, self.train_split),
-                                     train_tf, seed=self.seed),
-            "val": VOCSegmentation(self.voc, self.splits["val"], transform=eval_tf),
-            "test": VOCSegmentation(self.voc, self.splits["test"], transform=eval_tf),
+            split: VOCPairs(self.voc, ids, mask_dir_for(self.voc, split, self.train_split),
+                            train_tf if split == "train" else eval_tf, seed=self.seed)
+            for split, ids in self.splits.items()
         }
         if self.split_dir and rank_zero_only.rank == 0:
             self.write_splits(Path(self.split_dir))
@@ -104,7 +102,8 @@ class VOCDataModule(pl.LightningDataModule):
         n = len(self.datasets[split])
         rank, world = self._rank_world()
         common = dict(batch_size=batch_size, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                      persistent_workers=self.num_workers > 0, collate_fn=pad_collate)
+                      persistent_workers=self.num_workers > 0, collate_fn=pad_collate,
+                      worker_init_fn=one_decoder_thread)
         if not shuffle:
             return DataLoader(self.datasets[split], sampler=ShardSampler(n, rank, world), **common)
         sampler = EpochShuffleSampler(n, self.seed, rank, world)
@@ -134,25 +133,7 @@ class VOCDataModule(pl.LightningDataModule):
         return self._loader("test", self.eval_batch_size, shuffle=False)
 
 
-def resolve_loader_settings(num_workers: int | str, pin_memory: bool | str,
-                            accelerator: str | None = None) -> tuple[int, bool]:
-    """``auto`` workers = the CPUs this process may use, up to 8; ``auto`` pinning = when training on a GPU."""
-    if num_workers == "auto":
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        num_workers = min(8, cpus)
-    if pin_memory == "auto":
-        pin_memory = accelerator in ("gpu", "cuda", "auto", None) and torch.cuda.is_available()
-    return int(num_workers), bool(pin_memory)
-
-
-def build_datamodule(cfg: DictConfig, split_dir: str | Path | None = None) -> VOCDataModule:
-    """The DataModule for a composed run config (``cfg.data`` + ``cfg.augment``)."""
-    d = cfg.data
-    trainer_cfg = cfg.get("trainer") or {}
-    workers, pin = resolve_loader_settings(d.num_workers, d.pin_memory, trainer_cfg.get("accelerator"))
-    return VOCDataModule(
-        root=d.root, train_split=d.train_split, test_fraction=d.test_fraction, split_seed=d.split_seed,
-        subset=d.subset, batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, num_workers=workers,
-        pin_memory=pin, download=d.download, augment=cfg.augment, synthetic_cfg=d.get("synthetic"),
-        split_dir=str(split_dir) if split_dir else None, seed=int(cfg.get("seed", 0)),
-    )
+def one_decoder_thread(worker_id: int) -> None:
+    """In each loader worker, OpenCV decodes with one thread: the workers already use the cores, and more threads
+    per worker oversubscribe them. (Set here, not at import, so the main process keeps OpenCV's threads.)"""
+    cv2.setNumThreads(1)

@@ -6,17 +6,14 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from segvoc.data.palette import IGNORE_INDEX, palette_bytes, rgb_to_index
+from segvoc.data.palette import IGNORE_INDEX, NUM_CLASSES, palette_bytes, rgb_to_index
 from segvoc.errors import DatasetError
 
-NUM_VOC_CLASSES = 21
 _VALID_LABELS = np.zeros(256, dtype=bool)
-_VALID_LABELS[:NUM_VOC_CLASSES] = True
+_VALID_LABELS[:NUM_CLASSES] = True
 _VALID_LABELS[IGNORE_INDEX] = True
-
-cv2.setNumThreads(1)  # decoding runs inside DataLoader workers; one thread each avoids oversubscription
 
 
 def load_image(path: Path) -> np.ndarray:
@@ -72,3 +69,17 @@ def save_palette_mask(mask: np.ndarray, path: Path) -> None:
     im = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8))
     im.putpalette(palette_bytes())
     im.save(path)
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """Any common image as RGB uint8 (H,W,3): EXIF orientation applied, 16-bit scaled, alpha dropped."""
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(im, dtype=np.float64)
+                arr = (arr / max(arr.max(), 1) * 255).astype(np.uint8)
+                return np.repeat(arr[..., None], 3, axis=2)
+            return np.asarray(im.convert("RGB"))
+    except Exception as exc:
+        raise DatasetError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None

@@ -10,6 +10,7 @@ VOC_CLASSES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )
+NUM_CLASSES = len(VOC_CLASSES)  # conf/data's num_classes must equal this for VOC
 
 
 def voc_colormap(n: int = 256) -> np.ndarray:
@@ -43,7 +44,7 @@ def colorize(mask: np.ndarray) -> np.ndarray:
 def rgb_to_index(rgb: np.ndarray) -> np.ndarray | None:
     """Map an RGB VOC-coloured mask back to class indices; None if any colour is not a VOC colour."""
     codes = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
-    known = list(range(21)) + [IGNORE_INDEX]
+    known = list(range(NUM_CLASSES)) + [IGNORE_INDEX]
     lut = {int(c[0]) << 16 | int(c[1]) << 8 | int(c[2]): i for i, c in zip(known, VOC_COLORMAP[known], strict=True)}
     uniq, inverse = np.unique(codes, return_inverse=True)
     if any(int(u) not in lut for u in uniq):

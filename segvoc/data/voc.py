@@ -52,11 +52,11 @@ def check_layout(voc: Path) -> None:
 
 
 def _download_voc(root: Path) -> None:
-    from torchvision.datasets import VOCSegmentation
+    from torchvision.datasets import VOCSegmentation as TorchvisionVOC
 
     try:
         root.mkdir(parents=True, exist_ok=True)
-        VOCSegmentation(str(root), year="2012", image_set="trainval", download=True)
+        TorchvisionVOC(str(root), year="2012", image_set="trainval", download=True)
     except Exception as exc:  # network errors come in many types; all have the same fix
         raise DatasetError(
             f"could not download VOC 2012 into {root} ({type(exc).__name__}: {str(exc)[:120]}); "
@@ -117,13 +117,14 @@ def make_splits(
         if not ids and not (name == "test" and test_fraction == 0):
             raise DatasetError(f"{sets}: split {name!r} is empty; check data.test_fraction and data.subset")
         src = sets / (f"{train_split}.txt" if name == "train" else "val.txt")
-        check_ids(voc, ids, mask_dir_for(voc, train_split) if name == "train" else "SegmentationClass", src)
+        check_ids(voc, ids, mask_dir_for(voc, name, train_split), src)
     return splits
 
 
-def mask_dir_for(voc: Path, train_split: str) -> str:
-    """``SegmentationClassAug`` for SBD's ``train_aug`` split, ``SegmentationClass`` otherwise."""
-    if train_split == "train_aug":
+def mask_dir_for(voc: Path, split: str, train_split: str) -> str:
+    """The mask folder of ``split``: ``SegmentationClassAug`` for the train split of SBD's ``train_aug``,
+    ``SegmentationClass`` for everything else (the one place this rule is written)."""
+    if split == "train" and train_split == "train_aug":
         if not (voc / AUG_MASK_DIR).is_dir():
             raise DatasetError(
                 f"{voc}/{AUG_MASK_DIR} is missing; data.train_split=train_aug needs the SBD masks there "
@@ -133,7 +134,7 @@ def mask_dir_for(voc: Path, train_split: str) -> str:
     return "SegmentationClass"
 
 
-class VOCSegmentation(Dataset):
+class VOCPairs(Dataset):
     """Image/mask pairs of one split. Items: ``{"image": uint8 (3,H,W), "mask": uint8 (H,W), "id": str}``."""
 
     def __init__(
@@ -152,6 +153,10 @@ class VOCSegmentation(Dataset):
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def mask_paths(self) -> list[Path]:
+        """The mask file of every id, in order."""
+        return [self.voc / self.mask_dir / f"{i}.png" for i in self.ids]
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Raw RGB image and index mask of one id, after checking they match in size."""

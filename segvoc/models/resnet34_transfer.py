@@ -28,12 +28,10 @@ class ResNet34Transfer(SegmentationModel):
     size_divisor = 32
 
     def __init__(self, num_classes: int = 21, weights: str = "imagenet", freeze_encoder: bool = True,
-                 decoder_channels: Sequence[int] = (512, 256, 128, 64, 32), cache_features: bool = False) -> None:
+                 decoder_channels: Sequence[int] = (512, 256, 128, 64, 32)) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.freeze_encoder = freeze_encoder
-        # frozen encoder + deterministic training inputs: the task may reuse each image's features every epoch
-        self.cache_features = cache_features and freeze_encoder
         backbone = resnet34()
         state = load_backbone_state(weights, "resnet34")
         if state is None:

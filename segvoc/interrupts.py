@@ -1,4 +1,4 @@
-"""Lightning plug-ins for durability: atomic checkpoint files and a checkpoint on SIGTERM/SIGINT."""
+"""Stopping on SIGTERM (pre-emption) or Ctrl-C at a batch boundary, keeping a checkpoint that resumes exactly."""
 
 from __future__ import annotations
 
@@ -9,20 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.exceptions import SIGTERMException
-
-from segvoc.utils import atomic_write
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temp file in the same folder, fsyncs, then renames over the target:
-    a crash during a save never leaves a truncated ``.ckpt`` behind."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
-        atomic_write(path, lambda f: torch.save(checkpoint, f), binary=True)
 
 
 class PreemptionCheckpoint(Callback):

@@ -1,0 +1,146 @@
+"""The one place a composed run config becomes objects: model, DataModule, task (model + loss + optimiser +
+scheduler), Trainer (callbacks, loggers, plug-ins). Entry points call these; nothing else builds from config."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import LearningRateMonitor
+from torch import nn
+
+from segvoc.checkpoint import AtomicCheckpointIO, checkpoint_config, load_state, read_checkpoint
+from segvoc.data.datamodule import VOCDataModule
+from segvoc.data.palette import VOC_CLASSES
+from segvoc.data.statistics import cached_class_counts
+from segvoc.errors import ConfigError
+from segvoc.feature_cache import FeatureCache
+from segvoc.inference import InferenceConfig
+from segvoc.interrupts import PreemptionCheckpoint
+from segvoc.losses import CrossEntropy
+from segvoc.perf import prepare_model
+from segvoc.task import SegmentationTask
+from segvoc.weighting import inverse_frequency_weights
+
+log = logging.getLogger("segvoc")
+
+# model-node keys that configure segvoc around the network rather than the network's constructor
+_NOT_CONSTRUCTOR_KEYS = ("name", "cache_features")
+
+
+def build_model(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> nn.Module:
+    """Instantiate a ``conf/model/*.yaml`` node (``_target_``) with ``num_classes`` outputs.
+
+    ``pretrained=False`` skips downloading/reading backbone weights (used when a checkpoint will overwrite them).
+    """
+    overrides: dict = {"num_classes": num_classes}
+    if not pretrained and "weights" in cfg:
+        overrides["weights"] = "none"
+    params = {k: v for k, v in cfg.items() if k not in _NOT_CONSTRUCTOR_KEYS}
+    return instantiate(params, **overrides, _convert_="all")
+
+
+def resolve_loader_settings(num_workers: int | str, pin_memory: bool | str,
+                            accelerator: str | None = None) -> tuple[int, bool]:
+    """``auto`` workers = the CPUs this process may use, up to 8; ``auto`` pinning = when training on a GPU."""
+    if num_workers == "auto":
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        num_workers = min(8, cpus)
+    if pin_memory == "auto":
+        pin_memory = accelerator in ("gpu", "cuda", "auto", None) and torch.cuda.is_available()
+    return int(num_workers), bool(pin_memory)
+
+
+def build_datamodule(cfg: DictConfig, split_dir: str | Path | None = None) -> VOCDataModule:
+    """The DataModule for a composed run config (``cfg.data`` + ``cfg.augment``)."""
+    d = cfg.data
+    trainer_cfg = cfg.get("trainer") or {}
+    workers, pin = resolve_loader_settings(d.num_workers, d.pin_memory, trainer_cfg.get("accelerator"))
+    return VOCDataModule(
+        root=d.root, train_split=d.train_split, test_fraction=d.test_fraction, split_seed=d.split_seed,
+        subset=d.subset, batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, num_workers=workers,
+        pin_memory=pin, download=d.download, augment=cfg.augment, synthetic_cfg=d.get("synthetic"),
+        split_dir=str(split_dir) if split_dir else None, seed=int(cfg.get("seed", 0)),
+    )
+
+
+def class_weights_for(cfg: DictConfig, dm: VOCDataModule) -> list[float] | None:
+    """Inverse-frequency weights over the training masks when ``loss.class_weights`` asks for them."""
+    if cfg.loss.class_weights in (None, "none"):
+        return None
+    if cfg.loss.class_weights != "inverse_frequency":
+        raise ConfigError(f"loss.class_weights={cfg.loss.class_weights!r}: use none or inverse_frequency")
+    counts = cached_class_counts(dm.datasets["train"].mask_paths(), Path(cfg.paths.cache_dir),
+                                 int(cfg.data.num_classes))
+    weights = inverse_frequency_weights(counts, float(cfg.loss.background_scale))
+    log.info("class weights: %s", " ".join(f"{w:.3g}" for w in weights))
+    return weights.tolist()
+
+
+def build_task(cfg: DictConfig, class_weights: Sequence[float] | None = None,
+               pretrained: bool = True) -> SegmentationTask:
+    """Model, loss and task from a composed run config (``conf/train.yaml``)."""
+    num_classes = int(cfg.data.num_classes)
+    criterion = CrossEntropy(num_classes, weight=class_weights,
+                             weighted=cfg.loss.class_weights not in (None, "none"),
+                             aux_weight=float(cfg.loss.get("aux_weight", 0.5)))
+    model = prepare_model(build_model(cfg.model, num_classes, pretrained=pretrained), cfg.get("perf"))
+    return SegmentationTask(
+        model=model,
+        criterion=criterion,
+        optimizer=cfg.optimizer,
+        scheduler=cfg.scheduler,
+        num_classes=num_classes,
+        mean=list(cfg.data.mean),
+        std=list(cfg.data.std),
+        class_names=VOC_CLASSES[:num_classes],
+        log_images=int(cfg.get("log_images", 4)),
+        inference=InferenceConfig(**cfg.infer) if cfg.get("infer") else None,
+        seed=int(cfg.get("seed", 0)),
+        channels_last=bool((cfg.get("perf") or {}).get("channels_last", False)),
+        feature_cache=FeatureCache.for_config(cfg, model),
+        cfg=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
+def load_task(path: str | Path, inference: InferenceConfig | None = None) -> tuple[SegmentationTask, DictConfig]:
+    """Rebuild the task of a checkpoint, in eval mode (no pretrained download: the checkpoint holds every weight)."""
+    ckpt = read_checkpoint(path)
+    cfg = checkpoint_config(ckpt)
+    task = build_task(cfg, pretrained=False)
+    load_state(task, ckpt["state_dict"], path, cfg)
+    if inference is not None:
+        task.infer_cfg = inference
+    task.eval()
+    return task, cfg
+
+
+def build_trainer(cfg: DictConfig, evaluation: bool = False, purge_step: int | None = None) -> pl.Trainer:
+    """``pl.Trainer`` from ``cfg.trainer`` with the configured callbacks and loggers, atomic checkpoint writes and
+    exact-resume handling of SIGTERM/Ctrl-C.
+
+    ``evaluation=True``: no callbacks and no loggers (final scoring must not add points to the training curves).
+    ``purge_step``: TensorBoard drops events at or after this step (a resumed run re-logs them).
+    """
+    kwargs = dict(cfg.trainer)
+    if evaluation:
+        kwargs["enable_model_summary"] = False
+        return pl.Trainer(callbacks=[], logger=False, **kwargs)
+    out = Path(cfg.paths.output_dir)
+    loggers = []
+    for lg in (cfg.get("logger") or {}).values():
+        if lg:
+            extra = {"purge_step": purge_step} if purge_step and "TensorBoard" in lg.get("_target_", "") else {}
+            loggers.append(instantiate(lg, **extra))
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    if not loggers:  # logger=none: a learning-rate monitor has nowhere to write (Lightning refuses to start)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    callbacks.append(PreemptionCheckpoint(out / "checkpoints", out))
+    return pl.Trainer(callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
+                      default_root_dir=str(out), **kwargs)
