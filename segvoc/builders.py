@@ -130,7 +130,7 @@ def build_trainer(cfg: DictConfig, evaluation: bool = False, purge_step: int | N
     """
     kwargs = dict(cfg.trainer)
     if evaluation:
-        kwargs["enable_model_summary"] = False
+        kwargs.update(enable_model_summary=False, enable_checkpointing=False)
         return pl.Trainer(callbacks=[], logger=False, **kwargs)
     out = Path(cfg.paths.output_dir)
     loggers = []

@@ -171,9 +171,21 @@ class SegmentationTask(pl.LightningModule):
         tb.experiment.add_figure("val/confusion_matrix", confusion_figure(matrix, self.class_names),
                                  self.current_epoch)
 
+    def _param_groups(self) -> list[dict]:
+        """The model's trainable parameters; a model with ``param_groups()`` (e.g. an auxiliary head at 10x the
+        learning rate) gets its groups, each ``lr_scale`` turned into an ``lr`` relative to ``optimizer.lr``."""
+        if not hasattr(self.model, "param_groups"):
+            return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+        base_lr = float(self.optimizer_cfg["lr"])
+        groups = []
+        for g in self.model.param_groups():
+            g = dict(g)
+            scale = g.pop("lr_scale", None)
+            groups.append({**g, "lr": base_lr * scale} if scale is not None else g)
+        return groups
+
     def configure_optimizers(self) -> dict:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = instantiate(self.optimizer_cfg, params=params)
+        optimizer = instantiate(self.optimizer_cfg, _partial_=True)(params=self._param_groups())
         sched = self.scheduler_cfg
         if not sched or not sched.get("scheduler"):
             return {"optimizer": optimizer}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -61,16 +62,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     ckpt_cb = trainer.checkpoint_callback  # the first one: monitors val/miou
     best = (ckpt_cb.best_model_path if ckpt_cb is not None else "") or None
-    epoch = trainer.current_epoch
-    if best:
-        ckpt = read_checkpoint(best)
-        task.load_state_dict(ckpt["state_dict"])
-        epoch = int(ckpt["epoch"])
+    epoch = int(read_checkpoint(best)["epoch"]) if best else trainer.current_epoch
     metrics: dict[str, Any] = {}
     scorer = build_trainer(cfg, evaluation=True)
     for split in ("val", "test"):
         run = scorer.validate if split == "val" else scorer.test
-        run(task, datamodule=dm, verbose=False)
+        with warnings.catch_warnings():
+            # The scorer has no callbacks on purpose (scoring must not add checkpoints or early-stopping state);
+            # Lightning warns that the checkpoint's callbacks are missing, which is what is intended here.
+            warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`, callbacks")
+            run(task, datamodule=dm, ckpt_path=best, verbose=False)  # Lightning restores the best weights
         metrics[split] = split_scores(task, split, epoch)
     if trainer.is_global_zero:
         write_scores(out, task, metrics)

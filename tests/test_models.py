@@ -196,3 +196,17 @@ def test_cached_features_smoke_run(smoke_cfg, tmp_path):
                     "data.subset=4", "trainer.max_epochs=2")
     metrics = train(cfg)
     assert 0 <= metrics["test"]["miou"] <= 1
+
+
+def test_reference_models_train_the_aux_head_at_ten_times_the_lr(smoke_cfg):
+    """torchvision's reference recipe: the auxiliary FCN head gets 10x the learning rate of the rest."""
+    from segvoc.builders import build_task
+
+    cfg = smoke_cfg("experiment=ref_fcn_resnet50", "model.weights=none", "scheduler=none")
+    task = build_task(cfg)
+    optimizer = task.configure_optimizers()["optimizer"]
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    assert lrs == [cfg.optimizer.lr, 10 * cfg.optimizer.lr]
+    aux = {id(p) for p in task.model.net.aux_classifier.parameters()}
+    assert {id(p) for p in optimizer.param_groups[1]["params"]} == aux
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(task.model.parameters()))

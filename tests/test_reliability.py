@@ -235,3 +235,20 @@ def test_unwritable_output_path_fails_before_training(smoke_cfg, tmp_path):
         train(smoke_cfg(f"paths.output_dir={blocker / 'run'}"))
 
 
+
+
+def test_lightning_save_last_alone_does_not_write_every_epoch(smoke_cfg, tmp_path):
+    """Why callbacks/default.yaml has a second checkpoint callback for last.ckpt: in the pinned Lightning,
+    ``ModelCheckpoint(monitor=val/miou, save_last=True)`` writes last.ckpt only when the monitored top-k improves
+    (with lr 0 only BatchNorm statistics move: the best epoch here is 1 of 0-2), while ``last_checkpoint`` writes
+    it at every epoch end (the resume point)."""
+    from segvoc.train import train
+
+    common = ("trainer.max_epochs=3", "optimizer.lr=0.0", "callbacks.early_stopping=null")
+    train(smoke_cfg(*common, "callbacks.model_checkpoint.save_last=true", "callbacks.last_checkpoint=null",
+                    f"paths.output_dir={tmp_path / 'save_last'}"))
+    saved = tmp_path / "save_last" / "checkpoints"
+    last, best = (torch.load(saved / f"{n}.ckpt", weights_only=True)["epoch"] for n in ("last", "best"))
+    assert last == best < 2  # last.ckpt followed the best epoch, not the last one
+    train(smoke_cfg(*common, f"paths.output_dir={tmp_path / 'ours'}"))
+    assert torch.load(tmp_path / "ours" / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 2
