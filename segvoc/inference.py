@@ -8,7 +8,7 @@ Every mode returns class log-probabilities; multiple passes average softmax prob
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -22,14 +22,24 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass
 class InferenceConfig:
-    """How to turn a normalised image batch into class scores (``conf/infer``)."""
+    """How to turn a normalised image batch into class scores. The values (and their defaults) live in
+    ``conf/infer/default.yaml``; ``InferenceConfig.defaults(**changes)`` reads them from there."""
 
-    mode: str = "whole"          # whole | slide | auto (slide when the image is larger than max_pixels)
-    tta: str = "none"            # none | flip | ms_flip
-    scales: Sequence[float] = field(default_factory=lambda: (0.75, 1.0, 1.25))
-    window: int = 512
-    stride: int | None = None    # None: two thirds of the window
-    max_pixels: int = 1024 * 1024
+    mode: str                    # whole | slide | auto (slide when the image is larger than max_pixels)
+    tta: str                     # none | flip | ms_flip
+    scales: Sequence[float]
+    window: int
+    stride: int | None           # None: two thirds of the window
+    max_pixels: int
+
+    @classmethod
+    def defaults(cls, **changes: object) -> InferenceConfig:
+        """``conf/infer/default.yaml`` with ``changes`` applied."""
+        from omegaconf import OmegaConf
+
+        from segvoc.config import CONF_DIR
+
+        return cls(**{**OmegaConf.to_container(OmegaConf.load(CONF_DIR / "infer" / "default.yaml")), **changes})
 
     def __post_init__(self) -> None:
         if self.mode not in ("whole", "slide", "auto"):

@@ -59,7 +59,7 @@ class SegmentationTask(pl.LightningModule):
         self.num_classes = num_classes
         self.class_names = list(class_names)
         self.log_images = log_images
-        self.infer_cfg = inference or InferenceConfig()
+        self.infer_cfg = inference or InferenceConfig.defaults()
         self.seed = seed
         self.register_buffer("_first_bad_step", torch.tensor(-1), persistent=False)
         self.normalize = Normalize(mean, std, channels_last=channels_last)

@@ -57,7 +57,7 @@ def _flip_miou_by_hand(run: Path) -> float:
     the mirrored image's mirrored logits, averaged; confusion matrix in numpy."""
     from segvoc.builders import load_task
 
-    task, cfg = load_task(run / "checkpoints" / "best.ckpt", InferenceConfig(tta="flip"))
+    task, cfg = load_task(run / "checkpoints" / "best.ckpt", InferenceConfig.defaults(tta="flip"))
     voc = Path(cfg.data.root) / "VOCdevkit" / "VOC2012"
     cm = np.zeros((21, 21), np.int64)
     for i in (run / "splits" / "test.txt").read_text().split():
@@ -127,21 +127,21 @@ def test_flip_tta_is_identity_for_a_mirror_symmetric_model():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 17, 23)
     pointwise = torch.nn.Conv2d(3, 21, 1)  # 1x1 conv: commutes with a horizontal flip
-    none = infer(pointwise, x, InferenceConfig(tta="none"))
-    flip = infer(pointwise, x, InferenceConfig(tta="flip"))
+    none = infer(pointwise, x, InferenceConfig.defaults(tta="none"))
+    flip = infer(pointwise, x, InferenceConfig.defaults(tta="flip"))
     assert torch.allclose(none, pointwise(x).log_softmax(1), atol=1e-6)
     assert torch.allclose(flip, none, atol=1e-5)
     asymmetric = torch.nn.Conv2d(3, 21, (1, 3), padding=(0, 1))
-    p_none = infer(asymmetric, x, InferenceConfig())
-    assert not torch.allclose(infer(asymmetric, x, InferenceConfig(tta="flip")), p_none, atol=1e-4)
+    p_none = infer(asymmetric, x, InferenceConfig.defaults())
+    assert not torch.allclose(infer(asymmetric, x, InferenceConfig.defaults(tta="flip")), p_none, atol=1e-4)
 
 
 def test_slide_inference_matches_whole_for_pointwise_model():
     torch.manual_seed(0)
     x = torch.randn(1, 3, 70, 90)
     pointwise = torch.nn.Conv2d(3, 21, 1)
-    whole = infer(pointwise, x, InferenceConfig())
-    slide = infer(pointwise, x, InferenceConfig(mode="slide", window=32, stride=20))
+    whole = infer(pointwise, x, InferenceConfig.defaults())
+    slide = infer(pointwise, x, InferenceConfig.defaults(mode="slide", window=32, stride=20))
     assert torch.allclose(whole, slide, atol=1e-5)
 
 
@@ -156,7 +156,7 @@ def test_slide_windows_cover_every_pixel(h, w, window, stride):
     def count(crop: torch.Tensor) -> torch.Tensor:
         return torch.ones(crop.shape[0], 2, *crop.shape[-2:])
 
-    cfg = InferenceConfig(mode="slide", window=window, stride=stride)
+    cfg = InferenceConfig.defaults(mode="slide", window=window, stride=stride)
     out = slide_logits(count, torch.zeros(1, 3, h, w), cfg.window, cfg.stride)
     seen += out[0, 0]
     assert torch.isfinite(out).all() and (seen == 1).all()  # averaged ones: every pixel had >= 1 window
@@ -166,8 +166,8 @@ def test_stride_larger_than_window_is_refused():
     from segvoc.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"infer.stride=341 with infer.window=256: windows would leave pixels"):
-        InferenceConfig(mode="slide", window=256, stride=341)
-    assert InferenceConfig(window=256).stride == 170  # the default follows the window
+        InferenceConfig.defaults(mode="slide", window=256, stride=341)
+    assert InferenceConfig.defaults(window=256).stride == 170  # the default follows the window
 
 
 def test_ms_flip_averages_six_passes_at_three_scales():
@@ -179,12 +179,12 @@ def test_ms_flip_averages_six_passes_at_three_scales():
         sizes.append(tuple(inp.shape[-2:]))
         return bias.view(1, 21, 1, 1).expand(inp.shape[0], 21, *inp.shape[-2:]).clone()
 
-    probs = infer(constant, x, InferenceConfig(tta="ms_flip", scales=(0.5, 1.0, 1.5))).exp()
+    probs = infer(constant, x, InferenceConfig.defaults(tta="ms_flip", scales=(0.5, 1.0, 1.5))).exp()
     assert probs.shape == (1, 21, 20, 28)
     assert sorted(set(sizes)) == [(10, 14), (20, 28), (30, 42)] and len(sizes) == 6
     assert torch.allclose(probs, bias.softmax(0).view(1, 21, 1, 1).expand_as(probs), atol=1e-6)
-    only_full = infer(constant, x, InferenceConfig(tta="ms_flip", scales=(1.0,)))
-    assert torch.equal(only_full, infer(constant, x, InferenceConfig(tta="flip")))
+    only_full = infer(constant, x, InferenceConfig.defaults(tta="ms_flip", scales=(1.0,)))
+    assert torch.equal(only_full, infer(constant, x, InferenceConfig.defaults(tta="flip")))
 
 
 def test_evaluate_slide_and_ms_flip_on_non_square_images(trained_run, tmp_path):
