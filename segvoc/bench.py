@@ -30,10 +30,10 @@ from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from segvoc.builders import build_datamodule, build_model, build_task, build_trainer
+from segvoc.builders import build_datamodule, build_loss, build_model, build_task, build_trainer
 from segvoc.config import CONF_DIR, compose
+from segvoc.data.palette import VOC_CLASSES
 from segvoc.feature_cache import FeatureCache
-from segvoc.losses import CrossEntropy
 
 REPORT_MODELS = ["fcn_baseline", "fcn_dilated", "resnet34_transfer", "unet"]
 REFERENCE_MODELS = ["fcn_resnet50", "deeplabv3_resnet50"]
@@ -65,7 +65,7 @@ def _cfg(model: str, args: argparse.Namespace, out: Path) -> Any:
 def _batch(args: argparse.Namespace, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (args.batch_size, 3, size, size), generator=g, dtype=torch.uint8)
-    y = torch.randint(0, 21, (args.batch_size, size, size), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, len(VOC_CLASSES), (args.batch_size, size, size), generator=g, dtype=torch.uint8)
     return x.to(device), y.to(device)
 
 
@@ -86,9 +86,10 @@ def plain_train(cfg: Any, args: argparse.Namespace, size: int, device: torch.dev
     from segvoc.data.transforms import Normalize
     from segvoc.perf import prepare_model
 
-    model = prepare_model(build_model(cfg.model, 21, pretrained=False), cfg.perf).to(device).train()
+    model = prepare_model(build_model(cfg.model, int(cfg.data.num_classes), pretrained=False), cfg.perf)
+    model = model.to(device).train()
     norm = Normalize(cfg.data.mean, cfg.data.std).to(device)
-    crit = CrossEntropy(21).to(device)
+    crit = build_loss(cfg).to(device)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     x, y = _batch(args, size, device)
     cl = torch.channels_last if cfg.perf.channels_last else torch.contiguous_format

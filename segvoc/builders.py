@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -18,15 +19,14 @@ from torch import nn
 from segvoc.checkpoint import AtomicCheckpointIO, checkpoint_config, load_state, read_checkpoint
 from segvoc.data.datamodule import VOCDataModule
 from segvoc.data.palette import VOC_CLASSES
-from segvoc.data.statistics import cached_class_counts
-from segvoc.errors import ConfigError
+from segvoc.data.statistics import cached_class_statistics
 from segvoc.feature_cache import FeatureCache
 from segvoc.inference import InferenceConfig
 from segvoc.interrupts import PreemptionCheckpoint
-from segvoc.losses import CrossEntropy
+from segvoc.losses import SegmentationLoss
 from segvoc.perf import prepare_model
 from segvoc.task import SegmentationTask
-from segvoc.weighting import inverse_frequency_weights
+from segvoc.weighting import class_weights
 
 log = logging.getLogger("segvoc")
 
@@ -70,30 +70,52 @@ def build_datamodule(cfg: DictConfig, split_dir: str | Path | None = None) -> VO
     )
 
 
-def class_weights_for(cfg: DictConfig, dm: VOCDataModule) -> list[float] | None:
-    """Inverse-frequency weights over the training masks when ``loss.class_weights`` asks for them."""
-    if cfg.loss.class_weights in (None, "none"):
+@dataclass
+class ClassWeights:
+    """The loss's class weights and where they came from (written to the run's ``class_weights.json``)."""
+
+    scheme: str
+    weights: list[float]
+    counts: list[int]
+
+
+def class_weights_for(cfg: DictConfig, dm: VOCDataModule) -> ClassWeights | None:
+    """``loss.class_weights`` computed from the training masks (counted once, cached), or None for no weighting."""
+    scheme = str(cfg.loss.get("class_weights") or "none")
+    scale = float(cfg.loss.get("background_scale", 1.0))
+    if scheme == "none" and scale == 1.0:
         return None
-    if cfg.loss.class_weights != "inverse_frequency":
-        raise ConfigError(f"loss.class_weights={cfg.loss.class_weights!r}: use none or inverse_frequency")
-    counts = cached_class_counts(dm.datasets["train"].mask_paths(), Path(cfg.paths.cache_dir),
-                                 int(cfg.data.num_classes))
-    weights = inverse_frequency_weights(counts, float(cfg.loss.background_scale))
-    log.info("class weights: %s", " ".join(f"{w:.3g}" for w in weights))
-    return weights.tolist()
+    stats = cached_class_statistics(dm.datasets["train"].mask_paths(), Path(cfg.paths.cache_dir),
+                                    int(cfg.data.num_classes))
+    weights = class_weights(scheme, stats, scale)
+    assert weights is not None
+    log.info("class weights (%s): %s", scheme, " ".join(f"{w:.3g}" for w in weights))
+    return ClassWeights(scheme, weights.tolist(), stats.counts.tolist())
 
 
-def build_task(cfg: DictConfig, class_weights: Sequence[float] | None = None,
+# loss-node keys that configure the weighting rather than the loss's constructor
+_NOT_LOSS_KEYS = ("name", "class_weights", "background_scale")
+
+
+def build_loss(cfg: DictConfig, weights: Sequence[float] | None = None) -> SegmentationLoss:
+    """The ``conf/loss`` node's loss with ``weights`` (None: unweighted, or weights to come from a checkpoint)."""
+    loss_cfg = cfg.loss
+    weighted = not (str(loss_cfg.get("class_weights") or "none") == "none"
+                    and float(loss_cfg.get("background_scale", 1.0)) == 1.0)
+    params = {k: v for k, v in loss_cfg.items() if k not in _NOT_LOSS_KEYS}
+    params.setdefault("_target_", "segvoc.losses.CrossEntropy")  # checkpoints of segvoc 0.1
+    return instantiate(params, num_classes=int(cfg.data.num_classes), weight=weights, weighted=weighted,
+                       _convert_="all")
+
+
+def build_task(cfg: DictConfig, class_weights: ClassWeights | None = None,
                pretrained: bool = True) -> SegmentationTask:
     """Model, loss and task from a composed run config (``conf/train.yaml``)."""
     num_classes = int(cfg.data.num_classes)
-    criterion = CrossEntropy(num_classes, weight=class_weights,
-                             weighted=cfg.loss.class_weights not in (None, "none"),
-                             aux_weight=float(cfg.loss.get("aux_weight", 0.5)))
     model = prepare_model(build_model(cfg.model, num_classes, pretrained=pretrained), cfg.get("perf"))
     return SegmentationTask(
         model=model,
-        criterion=criterion,
+        criterion=build_loss(cfg, class_weights.weights if class_weights is not None else None),
         optimizer=cfg.optimizer,
         scheduler=cfg.scheduler,
         num_classes=num_classes,

@@ -1,9 +1,15 @@
-"""Losses (``conf/loss``): pixel-wise cross-entropy, optionally class-weighted, with an auxiliary-head term."""
+"""Losses (``conf/loss``): every one takes logits (N,C,H,W) or ``{"out", "aux"}``, integer targets (N,H,W) with
+255 ignored, and optional class weights; each reduces in float32, also under bf16 autocast.
+
+Softmax-based throughout, so any of them may be given log-probabilities instead of logits (as evaluation does after
+test-time augmentation) and gives the same value. Dice and Lovász-softmax come from segmentation_models_pytorch.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,25 +17,143 @@ from torch import nn
 from segvoc.data.palette import IGNORE_INDEX
 
 
-class CrossEntropy(nn.Module):
-    """Pixel-wise cross-entropy ignoring 255; ``weight`` is a buffer so it travels in checkpoints."""
+class SegmentationLoss(nn.Module):
+    """Shared frame: class weights as a buffer (they travel in checkpoints), the auxiliary-head term, float32.
+
+    ``weight=None`` with ``weighted=True``: the weights arrive later with a checkpoint's state dict.
+    """
 
     def __init__(self, num_classes: int = 21, weight: torch.Tensor | Sequence[float] | None = None,
                  ignore_index: int = IGNORE_INDEX, weighted: bool | None = None, aux_weight: float = 0.5) -> None:
         super().__init__()
         w = torch.ones(num_classes) if weight is None else torch.as_tensor(weight, dtype=torch.float32)
         self.register_buffer("weight", w.float())
+        self.num_classes = num_classes
         self.ignore_index = ignore_index
-        # weighted=True with weight=None: the weights arrive later with a checkpoint's state dict
         self.weighted = weight is not None if weighted is None else weighted
         self.aux_weight = aux_weight
 
-    def forward(self, logits: torch.Tensor | dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-        """CE of ``logits`` (N,C,H,W); for ``{"out", "aux"}`` outputs adds ``aux_weight`` x CE of ``aux``."""
-        if isinstance(logits, dict):
+    @property
+    def class_weight(self) -> torch.Tensor | None:
+        return self.weight if self.weighted else None
+
+    def forward(self, logits: torch.Tensor | Mapping[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        """Loss of ``logits``; for ``{"out", "aux"}`` outputs adds ``aux_weight`` x the loss of ``aux``."""
+        if isinstance(logits, Mapping):
             loss = self(logits["out"], target)
             if "aux" in logits and self.aux_weight:
                 loss = loss + self.aux_weight * self(logits["aux"], target)
             return loss
-        return F.cross_entropy(logits, target.long(), weight=self.weight if self.weighted else None,
+        with torch.autocast(logits.device.type, enabled=False):
+            return self.pixel_loss(logits.float(), target.long())
+
+    def pixel_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class CrossEntropy(SegmentationLoss):
+    """Pixel-wise cross-entropy (weighted mean over non-ignored pixels when class weights are given)."""
+
+    def pixel_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, target, weight=self.class_weight, ignore_index=self.ignore_index)
+
+
+class Focal(SegmentationLoss):
+    """Softmax focal loss (Lin et al., ICCV 2017): mean over non-ignored pixels of -w_t (1 - p_t)^gamma log p_t,
+    normalised by the summed class weights w_t like weighted cross-entropy (gamma=0 is exactly cross-entropy).
+
+    smp's FocalLoss is the one-vs-rest sigmoid form, which is not invariant to log-softmax inputs; hence this one.
+    """
+
+    def __init__(self, *args, gamma: float = 2.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gamma = gamma
+
+    def pixel_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        valid = target != self.ignore_index
+        t = torch.where(valid, target, 0)
+        logp_t = logits.log_softmax(1).gather(1, t.unsqueeze(1)).squeeze(1)[valid]
+        focal = -(1 - logp_t.exp()).pow(self.gamma) * logp_t
+        w = self.class_weight[t[valid]] if self.class_weight is not None else torch.ones_like(focal)
+        return (w * focal).sum() / w.sum().clamp_min(1e-12)
+
+
+class Dice(SegmentationLoss):
+    """Soft multi-class Dice, 1 - mean over the classes present in the batch's (non-ignored) targets
+    (``smp.losses.DiceLoss``; class weights weight that mean)."""
+
+    def __init__(self, *args, smooth: float = 0.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.smooth = smooth
+
+    def pixel_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        present = torch.unique(target[target != self.ignore_index])
+        if present.numel() == 0:
+            return logits.sum() * 0.0
+        weights = self.class_weight.tolist() if self.class_weight is not None else None
+        dice = smp.losses.DiceLoss("multiclass", classes=present.tolist(), smooth=self.smooth,
+                                   ignore_index=self.ignore_index, class_weights=weights)
+        return dice(logits, target)
+
+
+class Lovasz(SegmentationLoss):
+    """Lovász-softmax (Berman et al., CVPR 2018) over the classes present, per batch
+    (``smp.losses.LovaszLoss``). It has no notion of class weights; a weighting scheme is refused."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.weighted:
+            from segvoc.errors import ConfigError
+
+            raise ConfigError("loss=lovasz has no class weights; use loss.class_weights=none")
+        self.lovasz = smp.losses.LovaszLoss("multiclass", ignore_index=self.ignore_index)
+
+    def pixel_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.lovasz(logits, target)
+
+
+class OHEMCrossEntropy(SegmentationLoss):
+    """Cross-entropy over hard pixels only, as mmsegmentation's ``OHEMPixelSampler``: pixels whose true-class
+    probability is below ``thresh``, and at least the ``min_kept`` x batch-size hardest (the threshold rises to the
+    probability of the ``min_kept``-th hardest pixel when fewer are below ``thresh``)."""
+
+    def __init__(self, *args, thresh: float = 0.7, min_kept: int = 100000, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.thresh = thresh
+        self.min_kept = min_kept
+
+    def pixel_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        valid = target != self.ignore_index
+        t = torch.where(valid, target, 0)
+        with torch.no_grad():
+            prob = logits.softmax(1).gather(1, t.unsqueeze(1)).squeeze(1)[valid]
+            threshold = torch.tensor(self.thresh, device=logits.device)
+            if prob.numel():
+                kept = min(self.min_kept * logits.shape[0], prob.numel() - 1)
+                threshold = torch.maximum(threshold, prob.sort().values[kept])
+            hard = torch.zeros_like(valid)
+            hard[valid] = prob < threshold
+        return F.cross_entropy(logits, torch.where(hard, target, self.ignore_index), weight=self.class_weight,
                                ignore_index=self.ignore_index)
+
+
+class WeightedSum(SegmentationLoss):
+    """A weighted sum of other losses: ``terms={"ce": 1.0, "dice": 1.0}`` (names as in ``LOSSES``)."""
+
+    def __init__(self, *args, terms: Mapping[str, float] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        terms = dict(terms or {"ce": 1.0, "dice": 1.0})
+        unknown = sorted(set(terms) - set(LOSSES))
+        if unknown:
+            from segvoc.errors import ConfigError
+
+            raise ConfigError(f"loss.terms: unknown loss {unknown[0]!r}; use {', '.join(sorted(LOSSES))}")
+        self.coefficients = {name: float(c) for name, c in terms.items()}
+        self.terms = nn.ModuleDict({name: LOSSES[name](*args, **kwargs) for name in terms})
+
+    def pixel_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return sum(c * self.terms[name].pixel_loss(logits, target) for name, c in self.coefficients.items())
+
+
+LOSSES: dict[str, type[SegmentationLoss]] = {"ce": CrossEntropy, "focal": Focal, "dice": Dice, "lovasz": Lovasz,
+                                             "ohem": OHEMCrossEntropy}

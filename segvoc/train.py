@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from segvoc.errors import InterruptedRun
 from segvoc.interrupts import PreemptionCheckpoint
 from segvoc.runs import ensure_writable, resume_config, split_scores, write_scores
 from segvoc.sweep import record_failure
+from segvoc.utils import write_json
 
 log = logging.getLogger("segvoc.train")
 
@@ -42,7 +44,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     dm = build_datamodule(cfg, split_dir=out / "splits")
     dm.prepare_data()
     dm.setup("fit")
-    task = build_task(cfg, class_weights=class_weights_for(cfg, dm))
+    weights = class_weights_for(cfg, dm)
+    if weights is not None:
+        write_json(out / "class_weights.json", asdict(weights))
+    task = build_task(cfg, class_weights=weights)
     ckpt_path = cfg.get("ckpt_path")
     purge_step = None
     if ckpt_path and Path(ckpt_path).is_file():

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from segvoc.data.statistics import class_pixel_counts
+from segvoc.data.statistics import class_statistics
 from segvoc.metrics import ConfusionMatrix, confusion_counts, scores_from_confusion
-from segvoc.weighting import inverse_frequency_weights
+from segvoc.weighting import class_weights
 
 
 def test_confusion_counts_by_hand():
@@ -62,19 +62,48 @@ def test_device_matches_cpu():
     assert torch.equal(confusion_counts(preds.cuda(), target.cuda(), 21).cpu(), confusion_counts(preds, target, 21))
 
 
-def test_class_weights_by_hand(tmp_path):
+def _tiny_masks(tmp_path):
     import numpy as np
 
     from segvoc.data.io import save_palette_mask
 
-    a = np.array([[0, 0, 0, 0], [0, 0, 1, 255]], dtype=np.uint8)  # 6 bg, 1 aeroplane
-    b = np.array([[0, 0, 1, 1], [2, 2, 2, 255]], dtype=np.uint8)  # 2 bg, 2 aeroplane, 3 bicycle
+    a = np.array([[0, 0, 0, 0], [0, 0, 1, 255]], dtype=np.uint8)  # 6 bg, 1 aeroplane; 7 labelled pixels
+    b = np.array([[0, 0, 1, 1], [2, 2, 2, 255]], dtype=np.uint8)  # 2 bg, 2 aeroplane, 3 bicycle; 7 labelled
     save_palette_mask(a, tmp_path / "a.png")
     save_palette_mask(b, tmp_path / "b.png")
-    counts = class_pixel_counts([tmp_path / "a.png", tmp_path / "b.png"], num_classes=4)
-    assert counts.tolist() == [8, 3, 3, 0]
-    w = inverse_frequency_weights(counts)
-    # N = 14 valid pixels, K = 3 present classes: w_c = 14 / (3 n_c); absent class -> 0
-    assert w.tolist() == pytest.approx([14 / 24, 14 / 9, 14 / 9, 0.0])
-    w80 = inverse_frequency_weights(counts, background_scale=80)
-    assert w80[0] == pytest.approx(80 * 14 / 24) and w80[1] == pytest.approx(14 / 9)
+    return class_statistics([tmp_path / "a.png", tmp_path / "b.png"], num_classes=4)
+
+
+def test_class_statistics_by_hand(tmp_path):
+    stats = _tiny_masks(tmp_path)
+    assert stats.counts.tolist() == [8, 3, 3, 0]
+    # background and aeroplane appear in both images (7 + 7 labelled pixels), bicycle only in b (7)
+    assert stats.image_pixels.tolist() == [14, 14, 7, 0]
+
+
+# N = 14 labelled pixels, K = 3 present classes, n = (8, 3, 3, 0); absent class 3 always gets 0
+HAND = {
+    "inverse_frequency": [14 / 24, 14 / 9, 14 / 9, 0.0],
+    "sqrt_inverse": [math.sqrt(14 / 24), math.sqrt(14 / 9), math.sqrt(14 / 9), 0.0],
+    "enet": [1 / math.log(1.02 + 8 / 14), 1 / math.log(1.02 + 3 / 14), 1 / math.log(1.02 + 3 / 14), 0.0],
+    # f = (8/14, 3/14, 3/7); median f = 3/7: w = (3/7)/f
+    "median_frequency": [(3 / 7) / (8 / 14), (3 / 7) / (3 / 14), 1.0, 0.0],
+}
+
+
+@pytest.mark.parametrize("scheme", sorted(HAND))
+def test_class_weight_schemes_by_hand(tmp_path, scheme):
+    stats = _tiny_masks(tmp_path)
+    assert class_weights(scheme, stats).tolist() == pytest.approx(HAND[scheme])
+    scaled = class_weights(scheme, stats, background_scale=80)
+    assert scaled[0] == pytest.approx(80 * HAND[scheme][0]) and scaled[1:].tolist() == pytest.approx(HAND[scheme][1:])
+
+
+def test_no_weighting_and_unknown_scheme(tmp_path):
+    from segvoc.errors import ConfigError
+
+    stats = _tiny_masks(tmp_path)
+    assert class_weights("none", stats) is None
+    assert class_weights("none", stats, background_scale=0.5).tolist() == [0.5, 1.0, 1.0, 1.0]
+    with pytest.raises(ConfigError, match="loss.class_weights='inverse': use one of none, inverse_frequency"):
+        class_weights("inverse", stats)

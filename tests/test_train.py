@@ -81,10 +81,10 @@ def test_weighted_loss_uses_cached_inverse_frequency_weights(smoke_cfg, tmp_path
     cfg = smoke_cfg("loss=weighted_ce", "loss.background_scale=80")
     dm = build_datamodule(cfg)
     dm.setup("fit")
-    w = class_weights_for(cfg, dm)
+    w = class_weights_for(cfg, dm).weights
     assert len(w) == 21 and w[0] > 0 and sum(x > 0 for x in w) >= 2
-    assert list((tmp_path / "outputs" / "cache").glob("class_counts_*.json"))
-    w1 = class_weights_for(smoke_cfg("loss=weighted_ce"), dm)
+    assert list((tmp_path / "outputs" / "cache").glob("class_stats_*.json"))
+    w1 = class_weights_for(smoke_cfg("loss=weighted_ce"), dm).weights
     assert w[0] == pytest.approx(80 * w1[0]) and w[1:] == pytest.approx(w1[1:])
 
 
@@ -150,15 +150,17 @@ def test_aux_output_adds_weighted_aux_loss():
 
 
 def test_weighted_loss_is_applied_during_fit(smoke_cfg, monkeypatch):
-    """The training steps' cross-entropy really receives the class weights (background x80 included)."""
+    """The training steps' cross-entropy really receives the class weights (background x80 included), and the run
+    directory records them in class_weights.json."""
     import torch.nn.functional as F
 
     from segvoc.builders import build_datamodule, class_weights_for
 
-    cfg = smoke_cfg("loss=weighted_ce", "loss.background_scale=80", "trainer.max_epochs=1")
+    cfg = smoke_cfg("loss.class_weights=median_frequency", "loss.background_scale=80", "trainer.max_epochs=1")
     dm = build_datamodule(cfg)
     dm.setup("fit")
-    expected = torch.tensor(class_weights_for(cfg, dm), dtype=torch.float32)
+    record = class_weights_for(cfg, dm)
+    expected = torch.tensor(record.weights, dtype=torch.float32)
     seen = []
     cross_entropy = F.cross_entropy
 
@@ -169,7 +171,9 @@ def test_weighted_loss_is_applied_during_fit(smoke_cfg, monkeypatch):
     monkeypatch.setattr(F, "cross_entropy", spy)
     train(cfg)
     assert seen and all(w is not None and torch.equal(w.cpu(), expected) for w in seen)
-    assert expected[0] > 0 and expected[0] == pytest.approx(80 * (expected[0] / 80))
+    saved = json.loads((Path(cfg.paths.output_dir) / "class_weights.json").read_text())
+    assert saved == {"scheme": "median_frequency", "weights": record.weights, "counts": record.counts}
+    assert sum(saved["counts"]) > 0 and all(w == 0 for w, n in zip(saved["weights"], saved["counts"]) if n == 0)
 
 
 def test_ckpt_path_starts_a_new_run_from_a_checkpoint(smoke_cfg, tmp_path):

@@ -1,10 +1,11 @@
-"""Dataset statistics: class pixel counts over a split's masks, cached on disk."""
+"""Dataset statistics: per-class pixel counts over a split's masks (255 ignored), cached on disk."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,23 +15,36 @@ from segvoc.data.io import load_mask
 from segvoc.utils import atomic_write_text
 
 
-def class_pixel_counts(mask_paths: Sequence[Path], num_classes: int) -> np.ndarray:
-    """Pixels per class over the given masks (255 ignored), with a progress bar."""
-    counts = np.zeros(256, dtype=np.int64)
+@dataclass
+class ClassStatistics:
+    """``counts[c]``: pixels labelled c. ``image_pixels[c]``: labelled (non-255) pixels of the images in which c
+    appears (the denominator of SegNet's median-frequency balancing)."""
+
+    counts: np.ndarray
+    image_pixels: np.ndarray
+
+
+def class_statistics(mask_paths: Sequence[Path], num_classes: int) -> ClassStatistics:
+    """Count every mask once (with a progress bar on long lists)."""
+    counts = np.zeros(num_classes, dtype=np.int64)
+    image_pixels = np.zeros(num_classes, dtype=np.int64)
     for p in track(mask_paths, description="counting class pixels", transient=True, disable=len(mask_paths) < 50):
-        counts += np.bincount(load_mask(p).reshape(-1), minlength=256)
-    return counts[:num_classes]
+        per_image = np.bincount(load_mask(p).reshape(-1), minlength=256)[:num_classes]
+        counts += per_image
+        image_pixels[per_image > 0] += per_image.sum()
+    return ClassStatistics(counts, image_pixels)
 
 
-def cached_class_counts(mask_paths: Sequence[Path], cache_dir: Path, num_classes: int) -> np.ndarray:
-    """``class_pixel_counts`` cached in ``cache_dir`` under a key of the mask paths, sizes and mtimes."""
+def cached_class_statistics(mask_paths: Sequence[Path], cache_dir: Path, num_classes: int) -> ClassStatistics:
+    """``class_statistics`` cached in ``cache_dir`` under a key of the mask paths, sizes and mtimes."""
     h = hashlib.sha1()
     for p in mask_paths:
         st = Path(p).stat()
         h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    cache = Path(cache_dir) / f"class_counts_{h.hexdigest()[:16]}.json"
+    cache = Path(cache_dir) / f"class_stats_{num_classes}_{h.hexdigest()[:16]}.json"
     if cache.is_file():
-        return np.array(json.loads(cache.read_text()), dtype=np.int64)
-    counts = class_pixel_counts(mask_paths, num_classes)
-    atomic_write_text(cache, json.dumps(counts.tolist()))
-    return counts
+        data = json.loads(cache.read_text())
+        return ClassStatistics(np.array(data["counts"], np.int64), np.array(data["image_pixels"], np.int64))
+    stats = class_statistics(mask_paths, num_classes)
+    atomic_write_text(cache, json.dumps({"counts": stats.counts.tolist(), "image_pixels": stats.image_pixels.tolist()}))
+    return stats
