@@ -173,7 +173,8 @@ def test_weighted_loss_is_applied_during_fit(smoke_cfg, monkeypatch):
     assert seen and all(w is not None and torch.equal(w.cpu(), expected) for w in seen)
     saved = json.loads((Path(cfg.paths.output_dir) / "class_weights.json").read_text())
     assert saved == {"scheme": "median_frequency", "weights": record.weights, "counts": record.counts}
-    assert sum(saved["counts"]) > 0 and all(w == 0 for w, n in zip(saved["weights"], saved["counts"]) if n == 0)
+    pairs = zip(saved["weights"], saved["counts"], strict=True)
+    assert sum(saved["counts"]) > 0 and all(w == 0 for w, n in pairs if n == 0)
 
 
 def test_ckpt_path_starts_a_new_run_from_a_checkpoint(smoke_cfg, tmp_path):
