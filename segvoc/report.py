@@ -1,7 +1,8 @@
 """``python -m segvoc.report sweep=<dir or list> [output=<dir>]``: the report's tables and figures from runs.
 
 Reads each run's ``metrics.json``, ``.hydra/config.yaml``, ``confusion.json`` and TensorBoard scalars; writes
-``results.md``/``results.csv`` (runs beside the report's published figures, plus per-class IoU),
+``results.md``/``results.csv`` (runs beside the report's published figures, plus per-class IoU), ``summary.csv`` and
+``per_class_iou_by_group.png`` (runs that differ only in ``seed`` grouped: mean ± std),
 ``<run>_loss.png`` (Figures 1, 2, 4), ``<run>_predictions.png`` (Figures 3, 5) and ``<run>_confusion.png``.
 """
 
@@ -24,6 +25,7 @@ from segvoc import config as _config  # noqa: F401  (registers resolvers)
 from segvoc.app import run_app
 from segvoc.data.palette import VOC_CLASSES
 from segvoc.errors import ConfigError
+from segvoc.seed_groups import METRICS, SPLITS, SeedGroup, group_by_seed, mean_std, summary_rows
 from segvoc.tables import fmt, markdown_table
 from segvoc.utils import atomic_write_text
 
@@ -196,12 +198,72 @@ def results_markdown(runs: Sequence[Run], published: dict[str, Any]) -> str:
     return out.getvalue()
 
 
+def pm(values: Sequence[float], digits: int = 3) -> str:
+    """``mean ± std`` (sample std) of a group's values; the mean alone for one value; ``-`` for none."""
+    mean, std = mean_std(values)
+    if mean is None:
+        return "-"
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def groups_markdown(groups: Sequence[SeedGroup]) -> str:
+    """Mean ± std over the seeds of each group of runs that differ only in ``seed``."""
+    header = ("group", "n", "seeds", *(f"{s} {m}" for s in SPLITS for m in ("mIoU", "pixel acc", "mean class acc")))
+    rows = [[g.label, g.n, ",".join(str(s) for s in g.seeds if s is not None) or "-",
+             *(pm(g.values(s, m)) for s in SPLITS for m in METRICS)] for g in groups]
+    return ("\n## Groups: mean ± std over seeds (sample std, n-1)\n\n" + markdown_table(header, rows)
+            + "\nPer-class test IoU (mean ± std over the group's runs):\n\n"
+            + markdown_table(("group", *VOC_CLASSES),
+                             [[g.label, *(pm(v, 2) for v in g.per_class("test"))] for g in groups]))
+
+
+def summary_csv(groups: Sequence[SeedGroup]) -> str:
+    """``summary.csv``: one row per group (see ``segvoc.seed_groups.summary_rows``)."""
+    rows = summary_rows(groups, VOC_CLASSES)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: fmt(v, 6) if isinstance(v, float) else ("" if v is None else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def per_class_by_group_png(groups: Sequence[SeedGroup], path: Path) -> bool:
+    """Per-class test IoU by group: bars at the mean, whiskers of one std (what weighting buys and costs)."""
+    from matplotlib.figure import Figure
+
+    per_class = [g.per_class("test") for g in groups]
+    classes = [c for c in range(len(VOC_CLASSES)) if any(c < len(pc) and pc[c] for pc in per_class)]
+    if not classes:
+        return False
+    fig = Figure(figsize=(max(6.0, 0.55 * len(classes) * max(1, len(groups)) ** 0.5 + 2), 4.5))
+    ax = fig.subplots()
+    width = 0.8 / len(groups)
+    for k, (g, pc) in enumerate(zip(groups, per_class, strict=True)):
+        stats = [mean_std(pc[c]) if c < len(pc) else (None, None) for c in classes]
+        means = [m if m is not None else 0.0 for m, _ in stats]
+        errs = [s if s is not None else 0.0 for _, s in stats]
+        xs = [i + (k - (len(groups) - 1) / 2) * width for i in range(len(classes))]
+        ax.bar(xs, means, width, yerr=errs, capsize=2, label=f"{g.label} (n={g.n})")
+    ax.set_xticks(range(len(classes)), [VOC_CLASSES[c] for c in classes], rotation=45, ha="right")
+    ax.set_ylabel("test IoU (mean ± std over seeds)")
+    ax.set_ylim(0, 1)
+    ax.set_title("Per-class test IoU by group")
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
 def build_report(sweep: str | Sequence[str], output: Path, published: dict[str, Any], num_images: int = 4,
                  confusion_split: str = "test", device: str = "cpu") -> dict[str, Any]:
     """Write tables and figures for the runs under ``sweep`` into ``output``; returns what was written."""
     runs = find_runs(sweep)
     output.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output / "results.md", results_markdown(runs, published))
+    groups = group_by_seed([r.path for r in runs], [r.metrics for r in runs])
+    atomic_write_text(output / "results.md", results_markdown(runs, published) + groups_markdown(groups))
+    atomic_write_text(output / "summary.csv", summary_csv(groups))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=[*RESULT_COLUMNS, *(f"iou_{c}" for c in VOC_CLASSES)])
     writer.writeheader()
@@ -218,8 +280,10 @@ def build_report(sweep: str | Sequence[str], output: Path, published: dict[str, 
             p = output / f"{r.label}_{suffix}.png"
             if make(r, p):
                 figures.append(p.name)
-    log.info("report of %d runs in %s", len(runs), output)
-    return {"runs": [str(r.path) for r in runs], "figures": figures}
+    if per_class_by_group_png(groups, output / "per_class_iou_by_group.png"):
+        figures.append("per_class_iou_by_group.png")
+    log.info("report of %d runs in %d groups in %s", len(runs), len(groups), output)
+    return {"runs": [str(r.path) for r in runs], "groups": [g.label for g in groups], "figures": figures}
 
 
 def report(cfg: DictConfig) -> dict[str, Any]:

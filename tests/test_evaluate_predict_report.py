@@ -267,7 +267,8 @@ def test_report_tables_and_figures_from_fake_runs(tmp_path):
     md = (tmp_path / "rep" / "results.md").read_text()
     assert "| 4a_baseline | 0.3100 | 0.2314 |" in md  # ours beside Table 4
     assert "| 4b_improved | 0.1200 | 0.0511 |" in md  # ours beside Table 5
-    assert sorted(result["figures"]) == ["0_a_confusion.png", "0_a_loss.png", "1_b_confusion.png", "1_b_loss.png"]
+    assert sorted(result["figures"]) == ["0_a_confusion.png", "0_a_loss.png", "1_b_confusion.png", "1_b_loss.png",
+                                        "per_class_iou_by_group.png"]
     for f in result["figures"]:
         with Image.open(tmp_path / "rep" / f) as im:
             assert im.size[0] > 100
@@ -278,3 +279,41 @@ def test_report_on_real_run_draws_predictions(trained_run, tmp_path):
     result = build_report(str(trained_run), tmp_path, dict(published), num_images=2)
     assert f"{trained_run.name}_predictions.png" in result["figures"]
     assert f"{trained_run.name}_loss.png" in result["figures"]
+
+
+def _seed_run(root: Path, name: str, weights: str, seed: int, test_miou: float, iou_cat: float | None) -> None:
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(
+        f"name: 4c_weighted\nseed: {seed}\nmodel:\n  name: fcn_baseline\nloss:\n  name: weighted_ce\n"
+        f"  class_weights: {weights}\nscheduler:\n  name: cosine\naugment:\n  name: report\n")
+    (run / ".hydra" / "overrides.yaml").write_text(
+        f"- experiment=4c_weighted\n- loss.class_weights={weights}\n- seed={seed}\n- data=synthetic\n")
+    per_class = [0.9, None, None, None, None, None, None, None, iou_cat] + [None] * 12
+    metrics = {s: {"loss": 0.5, "miou": test_miou + (0.1 if s == "val" else 0), "pixel_acc": 0.8,
+                   "mean_class_acc": 0.5, "per_class_iou": per_class, "epoch": 1} for s in ("val", "test")}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_report_groups_seeds_with_mean_and_sample_std(tmp_path):
+    """The loss-weighting study: runs identical but for seed form a group; mean and sample std (n-1) by hand."""
+    import csv
+
+    sweep = tmp_path / "sweep"
+    for k, (weights, seed, miou, cat) in enumerate([("none", 0, 0.50, 0.2), ("none", 1, 0.60, 0.4),
+                                                    ("none", 2, 0.70, None), ("median_frequency", 0, 0.40, 0.6)]):
+        _seed_run(sweep, f"{k}_run", weights, seed, miou, cat)
+    result = build_report(str(sweep), tmp_path / "out", published={}, num_images=0)
+    assert result["groups"] == ["loss.class_weights=none", "loss.class_weights=median_frequency"]
+    rows = {r["group"]: r for r in csv.DictReader((tmp_path / "out" / "summary.csv").open())}
+    none = rows["loss.class_weights=none"]
+    assert none["n"] == "3"
+    assert float(none["test_miou_mean"]) == pytest.approx(0.6)
+    assert float(none["test_miou_std"]) == pytest.approx(0.1)  # sqrt(((-.1)^2 + 0 + .1^2) / 2)
+    assert float(none["val_miou_mean"]) == pytest.approx(0.7)
+    assert float(none["iou_cat_mean"]) == pytest.approx(0.3)  # the run where cat was absent does not count
+    single = rows["loss.class_weights=median_frequency"]
+    assert single["n"] == "1" and single["test_miou_std"] == "" and float(single["test_miou_mean"]) == 0.4
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| loss.class_weights=none | 3 | 0,1,2 | 0.700 ± 0.100 |" in md
+    assert "per_class_iou_by_group.png" in result["figures"]
