@@ -40,8 +40,8 @@ def build_model(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> n
     ``pretrained=False`` skips downloading/reading backbone weights (used when a checkpoint will overwrite them).
     """
     overrides: dict = {"num_classes": num_classes}
-    if not pretrained and "weights" in cfg:
-        overrides["weights"] = "none"
+    if not pretrained:
+        overrides |= {key: "none" for key in ("weights", "encoder_weights") if key in cfg}
     params = {k: v for k, v in cfg.items() if k not in _NOT_CONSTRUCTOR_KEYS}
     return instantiate(params, **overrides, _convert_="all")
 

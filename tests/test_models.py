@@ -10,7 +10,7 @@ from torch import nn
 from torchvision.models import resnet34
 
 from segvoc.errors import WeightsError
-from segvoc.models import FCNBaseline, FCNDilated, ResNet34Transfer, UNet
+from segvoc.models import FCNBaseline, FCNDilated, ResNet34Transfer, SMPModel, UNet
 
 ODD = (97, 131)
 
@@ -73,7 +73,9 @@ def test_unet_layers():
 
 
 @pytest.mark.parametrize("factory", [FCNBaseline, FCNDilated, lambda: ResNet34Transfer(weights="none"), UNet,
-                                     lambda: FCNDilated(skip_connections=True, global_context=True)])
+                                     lambda: FCNDilated(skip_connections=True, global_context=True),
+                                     lambda: SMPModel("Unet", "resnet34", "none"),
+                                     lambda: SMPModel("DeepLabV3Plus", "resnet34", "none")])
 def test_output_size_equals_input_for_odd_sizes(factory):
     m = factory().eval()
     with torch.no_grad():
@@ -210,3 +212,19 @@ def test_reference_models_train_the_aux_head_at_ten_times_the_lr(smoke_cfg):
     aux = {id(p) for p in task.model.net.aux_classifier.parameters()}
     assert {id(p) for p in optimizer.param_groups[1]["params"]} == aux
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(task.model.parameters()))
+
+
+def test_smp_pretrained_encoder_offline_is_one_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # fail at once instead of retrying the unreachable hub
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(WeightsError) as err:
+        SMPModel("Unet", "resnet34", "imagenet")
+    msg = str(err.value)
+    assert "smp encoder resnet34" in msg and "model.encoder_weights=none" in msg and "\n" not in msg
+
+
+def test_smp_unknown_architecture_names_the_keys():
+    from segvoc.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.arch=Unett model.encoder=resnet34: not an smp model"):
+        SMPModel("Unett", "resnet34", "none")

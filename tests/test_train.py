@@ -244,8 +244,9 @@ def test_every_documented_choice_runs(group, choice, tmp_path, synthetic_root, v
     args += ["trainer.max_epochs=1", "data.subset=2", "data.batch_size=2", "data.image_size=64",
              "data.num_workers=0", "trainer.accelerator=cpu"]
     cfg = make_cfg(tmp_path, *args, data_root=root)
-    if "weights" in cfg.model:  # no ImageNet download here
-        cfg.model.weights = "none"
+    for key in ("weights", "encoder_weights"):  # no ImageNet download here
+        if key in cfg.model:
+            cfg.model[key] = "none"
     metrics = train(cfg)
     assert 0 <= metrics["test"]["miou"] <= 1
 
