@@ -232,3 +232,29 @@ def test_auto_loader_settings(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     assert resolve_loader_settings("auto", "auto", "cpu") == (2, False)
     assert resolve_loader_settings(3, True, "cpu") == (3, True)
+
+
+def test_loader_workers_start_after_opencv_used_threads_in_the_main_process(synthetic_root):
+    """OpenCV's thread pool, once running in the main process (predict, report), must not be inherited by forked
+    loader workers: a worker touching it would hang. Run in a subprocess with a timeout."""
+    import subprocess
+    import sys
+
+    from segvoc.config import REPO_ROOT
+
+    code = f"""
+import cv2, numpy as np
+cv2.setNumThreads(4)
+for _ in range(3):
+    cv2.resize(np.zeros((2000, 2000, 3), np.uint8), (1000, 1000))  # starts OpenCV's pool in this process
+from segvoc.builders import build_datamodule
+from segvoc.config import compose
+cfg = compose(["paths.output_dir=/tmp/x", "data=synthetic", "data.synthetic=null", "data.root={synthetic_root}",
+               "augment=report", "data.num_workers=2", "data.image_size=48"])
+dm = build_datamodule(cfg)
+dm.setup("fit")
+batch = next(iter(dm.train_dataloader()))
+print("ok", tuple(batch["image"].shape))
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-2000:]

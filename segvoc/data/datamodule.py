@@ -101,9 +101,13 @@ class VOCDataModule(pl.LightningDataModule):
         more than one batch. Evaluation: every image once, in order."""
         n = len(self.datasets[split])
         rank, world = self._rank_world()
+        if self.num_workers > 0:
+            # Forked workers must not inherit a running OpenCV thread pool (a worker touching it deadlocks), and
+            # each worker decoding with several threads would oversubscribe the cores: one OpenCV thread from here
+            # on. Set when workers are about to start, not at import (predict's resizing keeps its threads).
+            cv2.setNumThreads(1)
         common = dict(batch_size=batch_size, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                      persistent_workers=self.num_workers > 0, collate_fn=pad_collate,
-                      worker_init_fn=one_decoder_thread)
+                      persistent_workers=self.num_workers > 0, collate_fn=pad_collate)
         if not shuffle:
             return DataLoader(self.datasets[split], sampler=ShardSampler(n, rank, world), **common)
         sampler = EpochShuffleSampler(n, self.seed, rank, world)
@@ -131,9 +135,3 @@ class VOCDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", self.eval_batch_size, shuffle=False)
-
-
-def one_decoder_thread(worker_id: int) -> None:
-    """In each loader worker, OpenCV decodes with one thread: the workers already use the cores, and more threads
-    per worker oversubscribe them. (Set here, not at import, so the main process keeps OpenCV's threads.)"""
-    cv2.setNumThreads(1)
