@@ -65,7 +65,8 @@ def build_datamodule(cfg: DictConfig, split_dir: str | Path | None = None) -> VO
     return VOCDataModule(
         root=d.root, train_split=d.train_split, test_fraction=d.test_fraction, split_seed=d.split_seed,
         subset=d.subset, batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, num_workers=workers,
-        pin_memory=pin, download=d.download, augment=cfg.augment, synthetic_cfg=d.get("synthetic"),
+        pin_memory=pin, download=d.download, sources={"urls": d.get("urls") or {}, "md5": d.get("md5") or {}},
+        augment=cfg.augment, synthetic_cfg=d.get("synthetic"),
         split_dir=str(split_dir) if split_dir else None, seed=int(cfg.get("seed", 0)),
     )
 

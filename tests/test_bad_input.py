@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from segvoc.config import REPO_ROOT
-from segvoc.data.check import check_tree
+from segvoc.data.tree_check import check_tree
 from segvoc.data.voc import make_splits
 from segvoc.errors import DatasetError
 

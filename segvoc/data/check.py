@@ -6,44 +6,15 @@ Checks the layout and split lists (as ``train`` does up front), then decodes eve
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import hydra
-import numpy as np
 from omegaconf import DictConfig
-from rich.progress import track
 
 from segvoc import config as _config  # noqa: F401  (registers resolvers)
 from segvoc.app import run_app
-from segvoc.data.palette import VOC_CLASSES
 from segvoc.data.synthetic import generate
-from segvoc.data.voc import VOCPairs, make_splits, mask_dir_for, resolve_voc_root
-from segvoc.errors import DatasetError
-from segvoc.tables import markdown_table
-
-
-def check_tree(root: str | Path, train_split: str = "train", test_fraction: float = 0.5, split_seed: int = 0,
-               subset: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Decode every pair of every split; returns ``{"splits": {name: n}, "counts": [n per class], "problems": []}``.
-
-    Layout and split-list errors raise ``DatasetError`` at once (nothing else can be checked then).
-    """
-    voc = resolve_voc_root(root)
-    splits = make_splits(voc, train_split, test_fraction, split_seed, subset)
-    counts = np.zeros(256, np.int64)
-    problems: list[str] = []
-    for name, ids in splits.items():
-        ds = VOCPairs(voc, ids, mask_dir_for(voc, name, train_split))
-        for k in track(range(len(ds)), description=f"checking {name}", disable=not progress, transient=True):
-            try:
-                _, mask = ds.load(k)
-            except DatasetError as exc:
-                problems.append(str(exc))
-                continue
-            counts += np.bincount(mask.reshape(-1), minlength=256)
-    return {"root": str(voc), "splits": {k: len(v) for k, v in splits.items()},
-            "counts": counts[:len(VOC_CLASSES)].tolist(), "ignored": int(counts[255]), "problems": problems}
+from segvoc.data.tree_check import check_tree, print_summary
 
 
 def check(cfg: DictConfig) -> dict[str, Any]:
@@ -51,21 +22,7 @@ def check(cfg: DictConfig) -> dict[str, Any]:
     if d.get("synthetic"):
         generate(d.root, **dict(d.synthetic))
     report = check_tree(d.root, d.train_split, d.test_fraction, d.split_seed, d.subset)
-    total = max(1, sum(report["counts"]))
-    print(f"VOC tree: {report['root']}")
-    print("ids per split: " + ", ".join(f"{k} {v}" for k, v in report["splits"].items()))
-    rows = [(VOC_CLASSES[c], n, n / total) for c, n in enumerate(report["counts"])]
-    print(markdown_table(("class", "pixels", "fraction"), rows))
-    print(f"ignored (255) pixels: {report['ignored']}")
-    problems = report["problems"]
-    if problems:
-        shown = problems[: int(cfg.max_problems)]
-        print(f"{len(problems)} problem(s):\n  " + "\n  ".join(shown))
-        more = len(problems) - len(shown)
-        listed = f" ({more} not listed)" if more > 0 else ""
-        raise DatasetError(f"{report['root']}: {len(problems)} bad image/mask pair(s){listed}; "
-                           "fix them or remove their ids from the split lists")
-    print("no problems found")
+    print_summary(report, int(cfg.max_problems))
     return report
 
 

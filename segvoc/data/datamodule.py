@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from segvoc.data import synthetic
+from segvoc.data.fetch import prepare_tree
 from segvoc.data.sampling import EpochShuffleSampler, ResumableLoader, ShardSampler
 from segvoc.data.transforms import build_pipeline, pad_collate
 from segvoc.data.voc import VOCPairs, make_splits, mask_dir_for, resolve_voc_root
@@ -37,6 +38,7 @@ class VOCDataModule(pl.LightningDataModule):
         num_workers: int = 2,
         pin_memory: bool = False,
         download: bool = False,
+        sources: dict | None = None,
         augment: DictConfig | None = None,
         synthetic_cfg: DictConfig | dict | None = None,
         split_dir: str | None = None,
@@ -53,6 +55,7 @@ class VOCDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.download = download
+        self.sources = sources or {"urls": {}, "md5": {}}
         self.augment = augment or {}
         self.synthetic_cfg = synthetic_cfg
         self.split_dir = split_dir
@@ -62,11 +65,14 @@ class VOCDataModule(pl.LightningDataModule):
         self.datasets: dict[str, VOCPairs] = {}
 
     def prepare_data(self) -> None:
-        """Generate the synthetic tree, or download VOC when asked (rank 0 only under DDP)."""
+        """Generate the synthetic tree, or (``download``) get what is missing of VOC 2012 and, for ``train_aug``,
+        SBD, as ``segvoc.data.prepare`` does (rank 0 only under DDP)."""
         if self.synthetic_cfg is not None:
             synthetic.generate(self.root, **dict(self.synthetic_cfg))
+        elif self.download:
+            prepare_tree(self.root, self.sources["urls"], self.sources["md5"], self.train_split)
         else:
-            resolve_voc_root(self.root, download=self.download)
+            resolve_voc_root(self.root)
 
     def setup(self, stage: str | None = None) -> None:
         """Resolve the tree, make the splits (cheap existence checks) and build the datasets."""

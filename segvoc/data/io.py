@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import cv2
 import numpy as np
@@ -64,11 +65,11 @@ def load_mask(path: Path) -> np.ndarray:
     return arr
 
 
-def save_palette_mask(mask: np.ndarray, path: Path) -> None:
-    """Write a class-index mask (H, W uint8) as a VOC palette PNG."""
+def save_palette_mask(mask: np.ndarray, path: Path | BinaryIO) -> None:
+    """Write a class-index mask (H, W uint8) as a VOC palette PNG (to a path or an open binary file)."""
     im = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8))
     im.putpalette(palette_bytes())
-    im.save(path)
+    im.save(path, format="PNG")
 
 
 def read_rgb(path: Path) -> np.ndarray:

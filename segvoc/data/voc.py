@@ -18,24 +18,19 @@ REQUIRED_DIRS = ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation")
 AUG_MASK_DIR = "SegmentationClassAug"
 
 
-def resolve_voc_root(root: str | Path, download: bool = False) -> Path:
-    """Find ``VOC2012/`` given it, its ``VOCdevkit/`` parent, or the folder holding ``VOCdevkit/``.
-
-    With ``download=True`` a missing tree is fetched with torchvision's VOC downloader.
-    """
+def resolve_voc_root(root: str | Path) -> Path:
+    """Find ``VOC2012/`` given it, its ``VOCdevkit/`` parent, or the folder holding ``VOCdevkit/``."""
     root = Path(root).expanduser()
     for cand in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"):
         if (cand / "JPEGImages").is_dir():
             check_layout(cand)
             return cand
-    if download:
-        _download_voc(root)
-        return resolve_voc_root(root, download=False)
     if root.exists():
         check_layout(root / "VOCdevkit" / "VOC2012" if (root / "VOCdevkit").exists() else root)
     raise DatasetError(
         f"VOC 2012 not found at {root} (expected {root}/VOCdevkit/VOC2012/JPEGImages); "
-        "set data.root=<folder holding VOCdevkit> or pass data.download=true when online"
+        "set data.root=<folder holding VOCdevkit>, or get it with python -m segvoc.data.prepare data.root=<dir> "
+        "(or data.download=true) when online"
     )
 
 
@@ -47,21 +42,8 @@ def check_layout(voc: Path) -> None:
     if missing:
         raise DatasetError(
             f"{voc}: missing {', '.join(missing)} (half-extracted?); re-extract VOCtrainval_11-May-2012.tar "
-            "or pass data.download=true"
+            "or run python -m segvoc.data.prepare"
         )
-
-
-def _download_voc(root: Path) -> None:
-    from torchvision.datasets import VOCSegmentation as TorchvisionVOC
-
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        TorchvisionVOC(str(root), year="2012", image_set="trainval", download=True)
-    except Exception as exc:  # network errors come in many types; all have the same fix
-        raise DatasetError(
-            f"could not download VOC 2012 into {root} ({type(exc).__name__}: {str(exc)[:120]}); "
-            "download VOCtrainval_11-May-2012.tar by hand, extract it there, and set data.root"
-        ) from None
 
 
 def read_id_list(path: Path) -> list[str]:
