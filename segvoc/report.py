@@ -206,10 +206,14 @@ def pm(values: Sequence[float], digits: int = 3) -> str:
     return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def _natural(text: str) -> tuple:
+    return (0, int(text), "") if text.lstrip("-").isdigit() else (1, 0, text)
+
+
 def groups_markdown(groups: Sequence[SeedGroup]) -> str:
     """Mean ± std over the seeds of each group of runs that differ only in ``seed``."""
     header = ("group", "n", "seeds", *(f"{s} {m}" for s in SPLITS for m in ("mIoU", "pixel acc", "mean class acc")))
-    rows = [[g.label, g.n, ",".join(str(s) for s in g.seeds if s is not None) or "-",
+    rows = [[g.label, g.n, ",".join(sorted((str(s) for s in g.seeds if s is not None), key=_natural)) or "-",
              *(pm(g.values(s, m)) for s in SPLITS for m in METRICS)] for g in groups]
     return ("\n## Groups: mean ± std over seeds (sample std, n-1)\n\n" + markdown_table(header, rows)
             + "\nPer-class test IoU (mean ± std over the group's runs):\n\n"
@@ -233,10 +237,11 @@ def per_class_by_group_png(groups: Sequence[SeedGroup], path: Path) -> bool:
     from matplotlib.figure import Figure
 
     per_class = [g.per_class("test") for g in groups]
-    classes = [c for c in range(len(VOC_CLASSES)) if any(c < len(pc) and pc[c] for pc in per_class)]
+    # classes some group segments at all (a class only ever predicted where it is absent scores 0 everywhere)
+    classes = [c for c in range(len(VOC_CLASSES)) if any(c < len(pc) and pc[c] and max(pc[c]) > 0 for pc in per_class)]
     if not classes:
         return False
-    fig = Figure(figsize=(max(6.0, 0.55 * len(classes) * max(1, len(groups)) ** 0.5 + 2), 4.5))
+    fig = Figure(figsize=(min(16.0, max(6.0, 0.4 * len(classes) * len(groups) ** 0.5 + 2)), 4.5))
     ax = fig.subplots()
     width = 0.8 / len(groups)
     for k, (g, pc) in enumerate(zip(groups, per_class, strict=True)):
@@ -249,10 +254,10 @@ def per_class_by_group_png(groups: Sequence[SeedGroup], path: Path) -> bool:
     ax.set_ylabel("test IoU (mean ± std over seeds)")
     ax.set_ylim(0, 1)
     ax.set_title("Per-class test IoU by group")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)  # below the axes
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     return True
 
 
