@@ -14,16 +14,13 @@ from omegaconf import DictConfig
 from segvoc import config as _config  # noqa: F401  (registers resolvers)
 from segvoc.app import run_app
 from segvoc.data.synthetic import generate
-from segvoc.data.tree_check import check_tree, print_summary
+from segvoc.data.tree_check import check_configured_tree
 
 
 def check(cfg: DictConfig) -> dict[str, Any]:
-    d = cfg.data
-    if d.get("synthetic"):
-        generate(d.root, **dict(d.synthetic))
-    report = check_tree(d.root, d.train_split, d.test_fraction, d.split_seed, d.subset)
-    print_summary(report, int(cfg.max_problems))
-    return report
+    if cfg.data.get("synthetic"):
+        generate(cfg.data.root, **dict(cfg.data.synthetic))
+    return check_configured_tree(cfg.data, int(cfg.max_problems))
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="check")

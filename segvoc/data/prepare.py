@@ -16,15 +16,12 @@ from omegaconf import DictConfig
 from segvoc import config as _config  # noqa: F401  (registers resolvers)
 from segvoc.app import run_app
 from segvoc.data.fetch import prepare_tree
-from segvoc.data.tree_check import check_tree, print_summary
+from segvoc.data.tree_check import check_configured_tree
 
 
 def prepare(cfg: DictConfig) -> dict[str, Any]:
-    d = cfg.data
-    voc = prepare_tree(d.root, d.urls, d.md5, d.train_split)
-    report = check_tree(voc, d.train_split, d.test_fraction, d.split_seed, d.subset)
-    print_summary(report, int(cfg.max_problems))
-    return report
+    prepare_tree(cfg.data.root, cfg.data.urls, cfg.data.md5, cfg.data.train_split)
+    return check_configured_tree(cfg.data, int(cfg.max_problems))
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="prepare")

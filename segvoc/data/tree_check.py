@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from omegaconf import DictConfig
 from rich.progress import track
 
 from segvoc.data.palette import VOC_CLASSES
@@ -55,3 +56,10 @@ def print_summary(report: dict[str, Any], max_problems: int = 20) -> None:
         raise DatasetError(f"{report['root']}: {len(problems)} bad image/mask pair(s){listed}; "
                            "fix them or remove their ids from the split lists")
     print("no problems found")
+
+
+def check_configured_tree(data: DictConfig, max_problems: int = 20) -> dict[str, Any]:
+    """``check_tree`` with a run config's ``data`` node (root, splits, subset), then ``print_summary``."""
+    report = check_tree(data.root, data.train_split, data.test_fraction, data.split_seed, data.subset)
+    print_summary(report, max_problems)
+    return report
