@@ -15,9 +15,24 @@ if not OmegaConf.has_resolver("coalesce"):
     # first argument that is set: ${coalesce:${resume},<default>}
     OmegaConf.register_new_resolver(
         "coalesce", lambda *args: next((a for a in args if a not in (None, "", "null", "None")), None))
+if not OmegaConf.has_resolver("run_id"):
+    # a token for this launch, so two runs started in the same second never share a directory: SLURM's job (and
+    # array task) id when there is one, else a random one; cached, so one process always sees the same value
+    OmegaConf.register_new_resolver("run_id", lambda: _run_id(), use_cache=True)
 if not OmegaConf.has_resolver("if_set"):
     # ${if_set:${resume},A,B}: A when the first value is set, else B
     OmegaConf.register_new_resolver("if_set", lambda v, a, b: a if v not in (None, "", "null", "None") else b)
+
+
+def _run_id() -> str:
+    import os
+    import uuid
+
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    if job:
+        task = os.environ.get("SLURM_ARRAY_TASK_ID")
+        return f"j{job}" + (f"_{task}" if task else "")
+    return uuid.uuid4().hex[:6]
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:

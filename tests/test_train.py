@@ -280,3 +280,20 @@ def test_debug_smoke_composes_with_every_trainer_and_experiment(trainer, experim
     plain = compose([f"paths.output_dir={tmp_path}", f"trainer={trainer}", f"experiment={experiment}"])
     assert cfg.trainer.accelerator == plain.trainer.accelerator and cfg.trainer.get("strategy") == \
         plain.trainer.get("strategy") and cfg.model.name == plain.model.name
+
+
+@pytest.mark.slow
+def test_two_runs_started_together_get_their_own_directories(tmp_path, synthetic_root):
+    """Run directories carry a per-launch id after the second: launches in the same second never share one."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "segvoc.train", "data=synthetic", "data.synthetic=null", f"data.root={synthetic_root}",
+           "debug=smoke", "trainer.max_epochs=1", "data.subset=4", "trainer.enable_progress_bar=false",
+           f"paths.output_root={tmp_path}"]
+    procs = [subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors[0][-2000:]
+    runs = sorted(p.parent for p in (tmp_path / "runs").rglob("metrics.json"))
+    assert len(runs) == 2 and runs[0] != runs[1]
+    writers = [{f.name.split(".")[-2] for f in (run / "tb").glob("events.out.tfevents.*")} for run in runs]
+    assert all(len(pids) == 1 for pids in writers) and writers[0] != writers[1]  # one process's events per run
