@@ -9,6 +9,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
+from segvoc.config import choice
 from segvoc.errors import WeightsError
 from segvoc.utils import atomic_write
 
@@ -53,7 +54,7 @@ def load_state(task: SegmentationTask, state: dict[str, torch.Tensor], path: str
     bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     missing = [k for k in own if k not in state]
     if bad or missing:
-        found = cfg.model.get("name", "?")
+        found = choice(cfg, "model") or "?"
         classes = state.get("model.classifier.weight", torch.empty(0)).shape[:1]
         raise WeightsError(
             f"{path}: checkpoint does not fit model {task.model.__class__.__name__} with {task.num_classes} classes "

@@ -43,10 +43,21 @@ def compose(overrides: list[str] | None = None, config_name: str = "train") -> D
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=overrides or [])
+        cfg = hydra_compose(config_name=config_name, overrides=overrides or [], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # ${hydra:runtime.choices.*} resolve as in a run
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def choice(cfg: DictConfig, group: str) -> str | None:
+    """The option picked in config group ``group`` (``cfg.choices``; the group's ``name`` key in 0.1 configs)."""
+    picked = (cfg.get("choices") or {}).get(group)
+    return str(picked) if picked is not None else (cfg.get(group) or {}).get("name")
 
 
 def command_line_overrides() -> list[str]:

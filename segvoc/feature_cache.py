@@ -8,6 +8,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from segvoc.config import choice
 from segvoc.errors import ConfigError
 
 
@@ -29,9 +30,10 @@ class FeatureCache:
         """The cache when ``model.cache_features`` asks for one (and the training inputs allow it), else None."""
         if not cfg.model.get("cache_features"):
             return None
-        if cfg.augment.get("name") != "none":
+        augment = choice(cfg, "augment")
+        if augment != "none":
             raise ConfigError(f"model.cache_features=true needs deterministic training inputs, but augment="
-                              f"{cfg.augment.name} is random; use augment=none or model.cache_features=false")
+                              f"{augment} is random; use augment=none or model.cache_features=false")
         return cls(model)
 
     def logits(self, images: torch.Tensor, ids: Sequence[str]) -> torch.Tensor:

@@ -52,8 +52,8 @@ class Run:
         return str(self.cfg.get("name") or self.path.name)
 
     def group(self, key: str) -> str:
-        node = self.cfg.get(key) or {}
-        return str(node.get("name", "-")) if isinstance(node, dict) else str(node)
+        """The option the run picked in config group ``key``."""
+        return str((self.cfg.get("choices") or {}).get(key) or "-")
 
     def row(self) -> dict[str, Any]:
         v, t = self.metrics.get("val", {}), self.metrics.get("test", {})
@@ -77,26 +77,25 @@ def find_runs(sweep: str | Sequence[str]) -> list[Run]:
         raise ConfigError(f"sweep={sweep}: no run with metrics.json found; did the runs finish?")
     runs = []
     for d in sorted(set(found)):
-        cfg_file = d / ".hydra" / "config.yaml"
-        cfg = _resolved_fields(OmegaConf.load(cfg_file)) if cfg_file.is_file() else {}
-        runs.append(Run(d, json.loads((d / "metrics.json").read_text()), cfg))
+        runs.append(Run(d, json.loads((d / "metrics.json").read_text()), _run_fields(d)))
     return runs
 
 
-def _resolved_fields(cfg: DictConfig) -> dict[str, Any]:
-    """The fields a report needs from a saved run config, with interpolations resolved where possible."""
-    out: dict[str, Any] = {}
-    for key in ("name", "model.name", "loss.name", "scheduler.name", "augment.name"):
-        try:
-            value = OmegaConf.select(cfg, key, throw_on_resolution_failure=True)
-        except Exception:
-            value = OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
-        node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
+REPORT_GROUPS = ("model", "loss", "scheduler", "augment", "experiment")
+
+
+def _run_fields(run: Path) -> dict[str, Any]:
+    """The run's name and group choices: from ``.hydra/hydra.yaml`` (``hydra.runtime.choices``, what Hydra
+    recorded), else from the groups' ``name`` keys of ``.hydra/config.yaml`` (runs of segvoc 0.1)."""
+    hydra_file, cfg_file = run / ".hydra" / "hydra.yaml", run / ".hydra" / "config.yaml"
+    cfg = OmegaConf.load(cfg_file) if cfg_file.is_file() else OmegaConf.create()
+    recorded = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.choices") if hydra_file.is_file() else None
+    if recorded is not None:
+        choices = {g: recorded.get(g) for g in REPORT_GROUPS}
+    else:
+        choices = {g: OmegaConf.select(cfg, f"{g}.name", throw_on_resolution_failure=False) for g in REPORT_GROUPS}
+    name = cfg.get("name") if "name" in cfg and not OmegaConf.is_interpolation(cfg, "name") else None
+    return {"name": name or choices.get("experiment") or choices.get("model"), "choices": choices}
 
 
 def read_scalars(run_dir: Path, tags: Sequence[str]) -> dict[str, list[float]]:

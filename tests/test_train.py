@@ -122,7 +122,7 @@ def test_missing_data_is_one_line_and_nonzero(tmp_path):
 def test_reference_presets_train_with_aux_loss(preset, smoke_cfg, tmp_path):
     cfg = smoke_cfg(f"experiment={preset}", "model.weights=none", "trainer.max_epochs=1", "data.subset=2",
                     "data.batch_size=2", "scheduler.scheduler.total_iters=null")
-    assert cfg.scheduler.name == "poly" and cfg.model.aux_loss
+    assert cfg.choices.scheduler == "poly" and cfg.model.aux_loss
     from segvoc.losses import CrossEntropy
 
     aux_terms = []
@@ -279,7 +279,7 @@ def test_debug_smoke_composes_with_every_trainer_and_experiment(trainer, experim
     assert (cfg.data.subset, cfg.data.image_size, cfg.trainer.max_epochs) == (8, 64, 2)
     plain = compose([f"paths.output_dir={tmp_path}", f"trainer={trainer}", f"experiment={experiment}"])
     assert cfg.trainer.accelerator == plain.trainer.accelerator and cfg.trainer.get("strategy") == \
-        plain.trainer.get("strategy") and cfg.model.name == plain.model.name
+        plain.trainer.get("strategy") and cfg.choices.model == plain.choices.model
 
 
 @pytest.mark.slow
