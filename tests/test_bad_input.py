@@ -145,3 +145,10 @@ def test_bad_image_inside_a_loader_worker_is_one_line(voc_mini, tmp_path, split)
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {victim}: ") and "Caught" not in r.stderr and "Traceback" not in r.stderr, \
         r.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_traceback_true_shows_the_traceback(tmp_path):
+    r = _cli("segvoc.train", f"data.root={tmp_path}/nope", "traceback=true", f"paths.output_root={tmp_path}/o")
+    assert r.returncode != 0 and "Traceback" in r.stderr
+    assert "segvoc.errors.DatasetError: VOC 2012 not found" in r.stderr
