@@ -12,6 +12,8 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from segvoc.data.sampling import epoch_position
+
 
 class PreemptionCheckpoint(Callback):
     """On SIGTERM (pre-emption) or Ctrl-C: keep a checkpoint that resumes exactly, and say how to resume.
@@ -63,8 +65,8 @@ class PreemptionCheckpoint(Callback):
             return
         self.interrupted = True
         path = self.dirpath / "last.ckpt"
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        if trainer.training and 0 < done < trainer.num_training_batches:
+        done, total = epoch_position(trainer)
+        if trainer.training and 0 < done < total:
             trainer.save_checkpoint(path)
             self.saved = path
             what = f"saved {path} (batch {done} of epoch {trainer.current_epoch})"

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from segvoc.data import synthetic
 from segvoc.data.fetch import prepare_tree
-from segvoc.data.sampling import EpochShuffleSampler, ResumableLoader, ShardSampler
+from segvoc.data.sampling import EpochShuffleSampler, ResumableLoader, ShardSampler, epoch_position
 from segvoc.data.transforms import build_pipeline, pad_collate
 from segvoc.data.voc import VOCPairs, make_splits, mask_dir_for, resolve_voc_root
 
@@ -127,11 +127,8 @@ class VOCDataModule(pl.LightningDataModule):
                                progress=self._train_progress, **common)
 
     def _train_progress(self) -> tuple[int, int]:
-        """(batches trained in the current epoch, batches per epoch), as the trainer counts them."""
         trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return 0, 1
-        return trainer.fit_loop.epoch_loop.batch_progress.current.processed, int(trainer.num_training_batches)
+        return epoch_position(trainer) if trainer is not None else (0, 1)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, shuffle=True)

@@ -71,6 +71,12 @@ class ShardSampler(Sampler):
 Progress = Callable[[], tuple[int, int]]
 
 
+def epoch_position(trainer: Any) -> tuple[int, int]:
+    """(batches trained in the current epoch, batches per epoch), as Lightning counts them: the position a
+    mid-epoch checkpoint resumes from (its workers fetch ahead, so the loader cannot count this itself)."""
+    return trainer.fit_loop.epoch_loop.batch_progress.current.processed, int(trainer.num_training_batches)
+
+
 class ResumableLoader(DataLoader):
     """A training ``DataLoader`` over an ``EpochShuffleSampler`` whose position Lightning saves in checkpoints.
 
