@@ -62,7 +62,8 @@ def group_by_seed(runs: Sequence[Path], metrics: Sequence[dict[str, Any]]) -> li
     """Group runs whose saved configs (``.hydra/config.yaml``) are equal once ``seed`` is removed. Each group is
     labelled by the command-line overrides (``.hydra/overrides.yaml``) its runs share and not every run shares,
     ``seed=`` excepted (``all runs`` when nothing sets the groups apart)."""
-    overrides = {r: [o for o in _overrides(r) if not o.startswith("seed=")] for r in runs}
+    typed = {r: _overrides(r) for r in runs}
+    overrides = {r: [o for o in typed[r] if not o.startswith("seed=")] for r in runs}
     everywhere = set.intersection(*(set(o) for o in overrides.values())) if runs else set()
     groups: dict[str, SeedGroup] = {}
     for run, m in zip(runs, metrics, strict=True):
@@ -73,7 +74,7 @@ def group_by_seed(runs: Sequence[Path], metrics: Sequence[dict[str, Any]]) -> li
         g = groups[key]
         g.runs.append(run)
         g.metrics.append(m)
-        seed = next((o.split("=", 1)[1] for o in _overrides(run) if o.startswith("seed=")), None)
+        seed = next((o.split("=", 1)[1] for o in typed[run] if o.startswith("seed=")), None)
         g.seeds.append(seed)
     labels = [g.label for g in groups.values()]
     for g in groups.values():  # runs told apart by nothing on their command line (presets): name them by folder
