@@ -133,7 +133,12 @@ def build_task(cfg: DictConfig, class_weights: ClassWeights | None = None,
 
 
 def load_task(path: str | Path, inference: InferenceConfig | None = None) -> tuple[SegmentationTask, DictConfig]:
-    """Rebuild the task of a checkpoint, in eval mode (no pretrained download: the checkpoint holds every weight)."""
+    """Rebuild the task of a checkpoint, in eval mode (no pretrained download: the checkpoint holds every weight).
+    An exported file (``.onnx``, TorchScript ``.pt``) gives a task that runs that file (``segvoc.exported``)."""
+    from segvoc.exported import export_format, load_exported_task
+
+    if export_format(path) is not None:
+        return load_exported_task(path, inference)
     ckpt = read_checkpoint(path)
     cfg = checkpoint_config(ckpt)
     task = build_task(cfg, pretrained=False)

@@ -25,3 +25,7 @@ class NonFiniteLossError(SegvocError):
 
 class InterruptedRun(SegvocError):
     """Training was stopped by SIGTERM/SIGINT after saving a checkpoint to resume from."""
+
+
+class ExportError(SegvocError):
+    """A model could not be exported, or the exported file does not match PyTorch."""

@@ -1,5 +1,8 @@
 """``python -m segvoc.evaluate ckpt=<path> [split=test] [tta=none|flip|ms_flip]``: score a checkpoint.
 
+``ckpt`` may also be a file written by ``segvoc.export`` (``.onnx``, TorchScript ``.pt``): it is scored with the
+same loader and metric code, so its mIoU can be compared with the checkpoint's.
+
 Runs the same evaluation loop as training (full-resolution images, dataset-level confusion matrix), writes
 ``metrics.json`` (``{split: {loss, miou, pixel_acc, mean_class_acc, per_class_iou, epoch}}``), ``confusion.json``
 and ``per_class_iou.md`` into its run directory, and prints the per-class table.
@@ -19,6 +22,7 @@ from segvoc.builders import build_datamodule, build_trainer, load_task
 from segvoc.checkpoint import read_checkpoint
 from segvoc.config import carry_overrides, command_line_overrides  # also registers resolvers
 from segvoc.errors import ConfigError
+from segvoc.exported import export_format, read_metadata
 from segvoc.inference import InferenceConfig
 from segvoc.runs import split_scores, write_scores
 from segvoc.tables import per_class_table
@@ -34,7 +38,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.paths.output_dir)
     inference = InferenceConfig(**OmegaConf.to_container(cfg.infer, resolve=True))
     task, run_cfg = load_task(cfg.ckpt, inference)
-    epoch = read_checkpoint(cfg.ckpt).get("epoch")
+    exported = export_format(cfg.ckpt) is not None
+    epoch = read_metadata(cfg.ckpt).get("epoch") if exported else read_checkpoint(cfg.ckpt).get("epoch")
     typed = command_line_overrides()
     run_cfg = carry_overrides(run_cfg, cfg, ("data",), "evaluate uses the checkpoint's model and config",
                               [o for o in typed if o.lstrip("+~").startswith("data")])

@@ -1,13 +1,14 @@
 """``python -m segvoc.train [overrides]``: fit, then validate and test the best checkpoint.
 
 Writes into the Hydra run directory: ``.hydra/``, ``checkpoints/{best,last}.ckpt``, ``tb/`` (TensorBoard),
-``splits/`` (the ids used) and ``metrics.json`` = ``{"val": {...}, "test": {...}}``.
+``splits/`` (the ids used), ``metrics.json`` = ``{"val": {...}, "test": {...}}`` and ``MODEL_CARD.md``.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -27,6 +28,7 @@ from segvoc.builders import build_datamodule, build_task, build_trainer, class_w
 from segvoc.checkpoint import checkpoint_config, load_state, read_checkpoint
 from segvoc.errors import InterruptedRun
 from segvoc.interrupts import PreemptionCheckpoint
+from segvoc.model_card import FitSummary, device_name, write_model_card
 from segvoc.runs import ensure_writable, resume_config, split_scores, write_scores
 from segvoc.sweep import record_failure
 from segvoc.utils import write_json
@@ -55,6 +57,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         load_state(task, ckpt["state_dict"], ckpt_path, checkpoint_config(ckpt), check_only=True)
         purge_step = int(ckpt.get("global_step", 0)) or None
     trainer = build_trainer(cfg, purge_step=purge_step)
+    started = time.perf_counter()
     try:
         trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
     except SystemExit as exc:  # Lightning ends a fit with SystemExit on SIGTERM (SIGTERMException) and Ctrl-C
@@ -65,9 +68,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise InterruptedRun(f"{out}: stopped by {signame} at step {trainer.global_step}; "
                              f"resume with: python -m segvoc.train resume={out}") from None
 
+    fit = FitSummary(time.perf_counter() - started, trainer.current_epoch, trainer.global_step, None,
+                     resumed=bool(ckpt_path))
     ckpt_cb = trainer.checkpoint_callback  # the first one: monitors val/miou
     best = (ckpt_cb.best_model_path if ckpt_cb is not None else "") or None
     epoch = int(read_checkpoint(best)["epoch"]) if best else trainer.current_epoch
+    fit.best_epoch = epoch
     metrics: dict[str, Any] = {}
     scorer = build_trainer(cfg, evaluation=True)
     for split in ("val", "test"):
@@ -80,6 +86,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics[split] = split_scores(task, split, epoch)
     if trainer.is_global_zero:
         write_scores(out, task, metrics)
+        write_model_card(out, cfg, task.model, fit, device_name(task.device))
         final = {"hp/val_miou": metrics["val"]["miou"], "hp/test_miou": metrics["test"]["miou"]}
         for lg in trainer.loggers:
             lg.log_hyperparams(task.hparams.get("cfg", {}), final)  # TensorBoard's HPARAMS tab: config + result

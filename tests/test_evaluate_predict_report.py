@@ -49,6 +49,9 @@ def test_evaluate_val_split_and_flip_tta_run(trained_run, tmp_path):
     val = _eval(trained_run, tmp_path / "v", "split=val")["val"]
     assert val == json.loads((trained_run / "metrics.json").read_text())["val"]
     flip = _eval(trained_run, tmp_path / "f", "tta=flip")["test"]
+    # tta= must reach the evaluation: the flip average changes the loss even where the argmax stays the same
+    assert flip["loss"] != pytest.approx(json.loads((trained_run / "metrics.json").read_text())["test"]["loss"],
+                                         abs=1e-9)
     assert flip["miou"] == pytest.approx(_flip_miou_by_hand(trained_run), abs=1e-12)
 
 
@@ -317,3 +320,10 @@ def test_report_groups_seeds_with_mean_and_sample_std(tmp_path):
     md = (tmp_path / "out" / "results.md").read_text()
     assert "| loss.class_weights=none | 3 | 0,1,2 | 0.700 ± 0.100 |" in md
     assert "per_class_iou_by_group.png" in result["figures"]
+
+
+def test_predict_and_evaluate_configs_apply_tta_and_infer_keys():
+    """The primary config's own keys (``tta=``, predict's ``infer.mode: auto``) win over ``conf/infer``."""
+    pred = compose(["ckpt=x", "input=y", "tta=flip"], config_name="predict")
+    assert (pred.infer.tta, pred.infer.mode) == ("flip", "auto")
+    assert compose(["ckpt=x", "tta=ms_flip"], config_name="evaluate").infer.tta == "ms_flip"

@@ -8,8 +8,8 @@ import sys
 
 from segvoc.config import REPO_ROOT
 
-ENTRY_POINTS = {"segvoc.train", "segvoc.evaluate", "segvoc.predict", "segvoc.report", "segvoc.bench", "segvoc.demo",
-                "segvoc.data.check"}
+ENTRY_POINTS = {"segvoc.train", "segvoc.evaluate", "segvoc.predict", "segvoc.export", "segvoc.report", "segvoc.bench",
+                "segvoc.demo", "segvoc.data.check", "segvoc.data.prepare"}
 
 
 def _imports(path) -> set[str]:

@@ -1,0 +1,130 @@
+"""Run exported files (``segvoc.exporting``) as a task: ``segvoc.evaluate`` and ``segvoc.predict`` accept
+``ckpt=<model.onnx>`` or ``ckpt=<model.pt>`` (TorchScript) and score them with the same metric code."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from segvoc.errors import ConfigError, WeightsError
+from segvoc.exporting import FORMATS, METADATA_KEY, torchscript_quiet
+from segvoc.inference import InferenceConfig
+
+Runner = Callable[[torch.Tensor], torch.Tensor]
+
+
+def export_format(path: str | Path) -> str | None:
+    """``onnx`` / ``torchscript`` for an exported file (by suffix), None for anything else (checkpoints)."""
+    suffix = Path(str(path)).suffix.lower()
+    return next((fmt for fmt, ext in FORMATS.items() if ext == suffix), None)
+
+
+def _missing(path: Path) -> WeightsError:
+    return WeightsError(f"{path}: exported model not found; write one with python -m segvoc.export ckpt=<run dir>")
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata ``segvoc.export`` stored in the file (run config, class names, weights, epoch, returns)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise _missing(path)
+    try:
+        if export_format(path) == "onnx":
+            import onnx
+
+            props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+            text = props.get(METADATA_KEY)
+        else:
+            files = {METADATA_KEY: ""}
+            with torchscript_quiet():
+                torch.jit.load(str(path), map_location="cpu", _extra_files=files)
+            text = files[METADATA_KEY] or None
+    except Exception as exc:
+        raise WeightsError(f"{path}: cannot read exported model ({type(exc).__name__}: {str(exc)[:100]}); "
+                           "is the file complete?") from None
+    if not text:
+        raise WeightsError(f"{path}: no segvoc metadata; only files written by python -m segvoc.export can be "
+                           "evaluated (others: load them with onnxruntime / torch.jit.load directly)")
+    return json.loads(text)
+
+
+def load_runner(path: str | Path) -> Runner:
+    """A function uint8 images (N,3,H,W) -> the file's output, on the images' device (ONNX runs on the CPU
+    unless onnxruntime's CUDA provider is installed)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise _missing(path)
+    if export_format(path) == "onnx":
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        session = ort.InferenceSession(str(path), providers=providers)
+        name = session.get_inputs()[0].name
+
+        def run_onnx(images: torch.Tensor) -> torch.Tensor:
+            out = session.run(None, {name: images.detach().cpu().numpy()})[0]
+            return torch.from_numpy(out).to(images.device)
+
+        return run_onnx
+    with torchscript_quiet():
+        module = torch.jit.load(str(path), map_location="cpu").eval()
+
+    def run_torchscript(images: torch.Tensor) -> torch.Tensor:
+        module.to(images.device)
+        with torch.no_grad():
+            return module(images)
+
+    return run_torchscript
+
+
+class ExportedNet(nn.Module):
+    """An exported file as the task's model: takes uint8 images (the file normalises), returns logits."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.run = load_runner(path)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.run(images)
+
+
+def exported_config(path: str | Path) -> tuple[DictConfig, dict[str, Any]]:
+    """The run config stored in an exported file, and the rest of its metadata."""
+    meta = read_metadata(path)
+    return OmegaConf.create(meta["config"]), meta
+
+
+def load_exported_task(path: str | Path, inference: InferenceConfig | None = None) -> tuple[Any, DictConfig]:
+    """A ``SegmentationTask`` whose model is the exported file: same loss, metrics and inference modes as the
+    checkpoint (whole, slide, flip), so ``segvoc.evaluate`` scores it exactly like the checkpoint."""
+    from segvoc.builders import build_loss
+    from segvoc.task import SegmentationTask
+
+    cfg, meta = exported_config(path)
+    if meta.get("returns") != "logits":
+        raise ConfigError(f"{path}: exported with returns={meta.get('returns')}; evaluate/predict need the logits: "
+                          "re-export with returns=logits")
+    if inference is not None and inference.tta == "ms_flip":
+        raise ConfigError(f"tta=ms_flip with ckpt={path}: an exported graph takes uint8 images at their own "
+                          "size, so it cannot be fed rescaled images; use tta=flip, or the .ckpt for ms_flip")
+    num_classes = int(cfg.data.num_classes)
+    task = SegmentationTask(
+        model=ExportedNet(path),
+        criterion=build_loss(cfg, meta.get("class_weights")),
+        optimizer=cfg.optimizer,
+        num_classes=num_classes,
+        class_names=meta.get("class_names"),
+        inference=inference or InferenceConfig(**cfg.infer),
+        cfg=OmegaConf.to_container(cfg, resolve=True),
+    )
+    task.normalize = nn.Identity()  # the exported graph normalises uint8 images itself
+    task.eval()
+    return task, cfg

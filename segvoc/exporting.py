@@ -1,0 +1,228 @@
+"""Write a trained task as a self-contained ONNX or TorchScript file (read back by ``segvoc.exported``).
+
+The exported graph's contract, for every model segvoc trains:
+
+* input ``images``: uint8 RGB ``(N, 3, H, W)``, N, H and W dynamic (any size, not only multiples of 32);
+* inside: the run's normalisation, zero padding to the model's size divisor, cropping back;
+* output ``logits``: float32 ``(N, C, H, W)``; or, with ``returns=mask``, ``mask``: int64 ``(N, H, W)`` (argmax).
+
+The file carries the run config, class names and class weights as metadata (ONNX ``metadata_props``, TorchScript
+``_extra_files``), so ``segvoc.evaluate`` and ``segvoc.predict`` can score and run it like a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segvoc.errors import ConfigError, ExportError
+
+if TYPE_CHECKING:
+    from segvoc.task import SegmentationTask
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+RETURNS = ("logits", "mask")
+METADATA_KEY = "segvoc"          # ONNX metadata_props key / TorchScript extra file name (JSON)
+
+
+class DeployModel(nn.Module):
+    """uint8 RGB images (N,3,H,W) -> logits (N,C,H,W) float32, or the argmax mask (N,H,W) int64.
+
+    ``net`` maps normalised images whose sides are multiples of ``size_divisor`` to logits of the same size;
+    the zero padding (in normalised space, as ``SegmentationModel`` does) and the crop happen here.
+    """
+
+    def __init__(self, net: nn.Module, mean: list[float], std: list[float], size_divisor: int = 1,
+                 returns: str = "logits") -> None:
+        super().__init__()
+        if returns not in RETURNS:
+            raise ConfigError(f"returns={returns!r}: use logits or mask")
+        self.net = net
+        self.size_divisor = int(size_divisor)
+        self.argmax = returns == "mask"
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.register_buffer("scale", 1.0 / (255.0 * std_t))
+        self.register_buffer("shift", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / std_t)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        h, w = images.shape[-2], images.shape[-1]
+        x = images.float() * self.scale - self.shift
+        d = self.size_divisor
+        x = F.pad(x, [0, (d - w % d) % d, 0, (d - h % d) % d])
+        logits = self.net(x)[:, :, :h, :w]
+        if self.argmax:
+            return logits.argmax(1)
+        return logits
+
+
+class _Segment(nn.Module):
+    """The padding-free core of a ``SegmentationModel`` (its ``segment``), or any other model as it is."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        segment = getattr(self.model, "segment", None)
+        out = segment(x) if segment is not None else self.model(x)
+        return out["out"] if isinstance(out, dict) else out
+
+
+def deploy_model(task: SegmentationTask, returns: str = "logits") -> DeployModel:
+    """The task's model in eval mode behind the uint8-in contract (see the module docstring)."""
+    model = task.model.eval()
+    mean = (task.normalize.shift / (task.normalize.scale * 255.0)).flatten().tolist()
+    std = (1.0 / (255.0 * task.normalize.scale)).flatten().tolist()
+    divisor = int(getattr(model, "size_divisor", 1)) if hasattr(model, "segment") else 1
+    return DeployModel(_Segment(model), mean, std, divisor, returns).eval()
+
+
+@dataclass
+class ParityCheck:
+    """Exported vs PyTorch outputs on random uint8 images of odd sizes."""
+
+    sizes: list[list[int]]
+    max_abs_diff: float
+    argmax_agreement: float
+
+
+def _compare(reference: torch.Tensor, exported: torch.Tensor, returns: str) -> tuple[float, float]:
+    if returns == "mask":
+        return 0.0, float((reference == exported).float().mean())
+    diff = float((reference - exported).abs().max())
+    return diff, float((reference.argmax(1) == exported.argmax(1)).float().mean())
+
+
+def check_parity(module: DeployModel, run: Any, sizes: tuple[tuple[int, int], ...] = ((97, 131), (64, 45)),
+                 seed: int = 0, min_agreement: float = 0.999) -> ParityCheck:
+    """Run ``module`` (PyTorch) and ``run`` (the exported file's runner) on the same random images; raise
+    ``ExportError`` if shapes differ or fewer than ``min_agreement`` of the pixels get the same class."""
+    g = torch.Generator().manual_seed(seed)
+    worst, agree = 0.0, 1.0
+    returns = "mask" if module.argmax else "logits"
+    for h, w in sizes:
+        images = torch.randint(0, 256, (2, 3, h, w), dtype=torch.uint8, generator=g)
+        with torch.no_grad():
+            reference = module(images)
+        out = run(images)
+        if tuple(out.shape) != tuple(reference.shape):
+            raise ExportError(f"exported graph gives shape {tuple(out.shape)} for input {h}x{w}, PyTorch "
+                              f"{tuple(reference.shape)}: the export did not keep the sizes dynamic")
+        diff, same = _compare(reference, out, returns)
+        worst, agree = max(worst, diff), min(agree, same)
+    if agree < min_agreement:
+        raise ExportError(f"exported graph agrees with PyTorch on only {agree:.4%} of pixels (max abs logit "
+                          f"difference {worst:.3g}); please report this model/format combination")
+    return ParityCheck([list(s) for s in sizes], worst, agree)
+
+
+def _example() -> torch.Tensor:
+    # batch 2, odd sizes: torch.export specialises sizes 0 and 1, so the example must not pin any dimension
+    return torch.randint(0, 256, (2, 3, 97, 131), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+
+
+@contextlib.contextmanager
+def torchscript_quiet() -> Iterator[None]:
+    """Silence torch 2.14's deprecation notices for ``torch.jit`` (and only those): TorchScript files are still
+    what C++ (libtorch) deployments load, and this format is opt-in (``format=torchscript``)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
+        yield
+
+
+def export_onnx(module: DeployModel, path: Path, metadata: dict[str, Any], opset: int) -> None:
+    """ONNX via ``torch.onnx.export(dynamo=True)`` with dynamic N, H, W; metadata in ``metadata_props``."""
+    import onnx
+
+    batch, height, width = (torch.export.Dim(n, min=1, max=16384) for n in ("batch", "height", "width"))
+    output = "mask" if module.argmax else "logits"
+    tmp = path.with_name(f".{path.name}.tmp")
+    # onnx_ir / onnxscript log every graph pass at INFO, which Hydra's root logger would print; keep warnings
+    quiet = {name: logging.getLogger(name) for name in ("onnx_ir", "onnxscript")}
+    levels = {name: lg.level for name, lg in quiet.items()}
+    for lg in quiet.values():
+        lg.setLevel(logging.WARNING)
+    try:
+        torch.onnx.export(module, (_example(),), str(tmp), input_names=["images"], output_names=[output],
+                          dynamic_shapes={"images": {0: batch, 2: height, 3: width}}, opset_version=opset,
+                          dynamo=True, external_data=False, verbose=False)
+        proto = onnx.load(str(tmp))
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
+        onnx.save(proto, str(tmp))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        for name, lg in quiet.items():
+            lg.setLevel(levels[name])
+
+
+def export_torchscript(module: DeployModel, path: Path, metadata: dict[str, Any]) -> None:
+    """TorchScript: the wrapper is scripted (sizes stay dynamic), the network traced on a padded example."""
+    d = max(module.size_divisor, 1)
+    sample = torch.zeros(1, 3, 2 * max(d, 32), 3 * max(d, 32))
+    with torchscript_quiet():
+        traced = torch.jit.trace(module.net, sample, check_trace=False)
+        wrapper = DeployModel(traced, [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], module.size_divisor,
+                              "mask" if module.argmax else "logits")
+        with torch.no_grad():
+            wrapper.scale.copy_(module.scale)
+            wrapper.shift.copy_(module.shift)
+        scripted = torch.jit.script(wrapper.eval())
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with torchscript_quiet():
+            torch.jit.save(scripted, str(tmp), _extra_files={METADATA_KEY: json.dumps(metadata)})
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def export(task: SegmentationTask, path: Path, fmt: str, metadata: dict[str, Any], returns: str = "logits",
+           opset: int = 18) -> ParityCheck:
+    """Write ``task`` to ``path`` in ``fmt`` (onnx | torchscript), then check the file against PyTorch."""
+    from segvoc.exported import load_runner
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"format={fmt!r}: use onnx or torchscript")
+    module = deploy_model(task, returns)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {**metadata, "returns": returns, "format": fmt, "opset": opset if fmt == "onnx" else None}
+    try:
+        if fmt == "onnx":
+            export_onnx(module, path, metadata, opset)
+        else:
+            export_torchscript(module, path, metadata)
+    except ExportError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"{type(task.model).__name__}: {fmt} export failed ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:160]}); try format="
+                          f"{'torchscript' if fmt == 'onnx' else 'onnx'}") from exc
+    return check_parity(module, load_runner(path))
+
+
+def export_metadata(task: SegmentationTask, source: Path, epoch: int | None) -> dict[str, Any]:
+    """What ``segvoc.exported`` needs to evaluate the file like its checkpoint, plus provenance."""
+    from segvoc import __version__
+
+    weights = getattr(task.criterion, "class_weight", None)
+    return {
+        "config": task.hparams.get("cfg"),
+        "class_names": list(task.class_names),
+        "class_weights": weights.tolist() if weights is not None else None,
+        "epoch": epoch,
+        "source": str(source),
+        "segvoc": __version__,
+        "torch": torch.__version__,
+    }

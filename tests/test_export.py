@@ -1,0 +1,222 @@
+"""segvoc.export: ONNX/TorchScript parity for every model in conf/model, exported files in evaluate/predict,
+TorchScript without segvoc, and the model card."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from segvoc.builders import build_task, load_task
+from segvoc.config import CONF_DIR, compose
+from segvoc.errors import ConfigError
+from segvoc.evaluate import evaluate
+from segvoc.export import export_model
+from segvoc.exported import load_runner
+from segvoc.exporting import export, export_metadata
+from segvoc.predict import predict
+from segvoc.tables import fmt
+from segvoc.train import train
+
+MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+
+
+def _perturb_statistics(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give BatchNorm layers non-trivial running statistics, as a trained model has, so logits are not near-ties."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt_", ["onnx", "torchscript"])
+@pytest.mark.parametrize("model", MODELS)
+def test_export_matches_pytorch_on_odd_sizes(model, fmt_, tmp_path):
+    cfg = compose([f"model={model}", f"paths.output_dir={tmp_path}"])
+    task = build_task(cfg, pretrained=False).eval()
+    _perturb_statistics(task.model)
+    path = tmp_path / f"model{'.onnx' if fmt_ == 'onnx' else '.pt'}"
+    export(task, path, fmt_, export_metadata(task, tmp_path, None))
+    run = load_runner(path)
+    g = torch.Generator().manual_seed(3)
+    for h, w in ((97, 131), (375, 500)):
+        images = torch.randint(0, 256, (1, 3, h, w), dtype=torch.uint8, generator=g)
+        with torch.no_grad():
+            reference = task._logits(task.normalize(images))  # the path training-time evaluation takes
+        got = run(images)
+        assert got.shape == reference.shape == (1, 21, h, w)
+        diff = float((got - reference).abs().max())
+        agree = float((got.argmax(1) == reference.argmax(1)).float().mean())
+        print(f"PARITY {model} {fmt_} {h}x{w}: max abs logit diff {diff:.3g}, argmax agreement {agree:.6f}")
+        assert agree >= 0.999, (model, fmt_, h, w, agree)
+        assert diff < 1e-2 * max(1.0, float(reference.abs().max()))
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, synthetic_root) -> Path:
+    from tests.conftest import make_cfg
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = make_cfg(out, "data=synthetic", "debug=smoke", "data.synthetic=null", "data.subset=6",
+                   "trainer.max_epochs=2", "loss.class_weights=median_frequency", data_root=synthetic_root)
+    train(cfg)
+    return out
+
+
+def _export(run: Path, fmt_: str, out: Path, *extra: str) -> Path:
+    return export_model(compose([f"ckpt={run}", f"format={fmt_}", f"output={out}", *extra], config_name="export"))
+
+
+def _evaluate(ckpt: Path, out: Path, *extra: str) -> dict:
+    cfg = compose([f"ckpt={ckpt}", f"paths.output_dir={out}", "trainer.accelerator=cpu",
+                   "trainer.enable_progress_bar=false", *extra], config_name="evaluate")
+    return evaluate(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt_", ["onnx", "torchscript"])
+def test_evaluate_and_predict_accept_exported_models(trained_run, tmp_path, fmt_):
+    exported = _export(trained_run, fmt_, tmp_path / "export" / f"model{'.onnx' if fmt_ == 'onnx' else '.pt'}")
+    expected = json.loads((trained_run / "metrics.json").read_text())["test"]
+    got = _evaluate(exported, tmp_path / "eval")["test"]
+    print(f"EVAL {fmt_}: test mIoU exported {got['miou']:.6f} checkpoint {expected['miou']:.6f}")
+    assert got["miou"] == pytest.approx(expected["miou"], abs=1e-4)
+    assert got["loss"] == pytest.approx(expected["loss"], abs=1e-4)  # the class-weighted loss travels too
+    flip = _evaluate(exported, tmp_path / "flip", "tta=flip")["test"]
+    assert flip["miou"] == pytest.approx(_evaluate(trained_run, tmp_path / "flip_ckpt", "tta=flip")["test"]["miou"],
+                                         abs=1e-4)
+    # predict: the exported file gives the checkpoint's masks
+    image = np.random.default_rng(0).integers(0, 256, (75, 113, 3), dtype=np.uint8)
+    from PIL import Image
+
+    Image.fromarray(image).save(tmp_path / "img.png")
+    masks = {}
+    for name, ckpt in (("ckpt", trained_run), ("exported", exported)):
+        predict(compose([f"ckpt={ckpt}", f"input={tmp_path / 'img.png'}", f"output={tmp_path / name}",
+                         "device=cpu"], config_name="predict"))
+        masks[name] = np.array(Image.open(tmp_path / name / "img.png"))
+    assert masks["exported"].shape == (75, 113)
+    assert (masks["exported"] == masks["ckpt"]).mean() >= 0.999
+
+
+def test_exported_file_refuses_what_it_cannot_do(trained_run, tmp_path):
+    mask_file = _export(trained_run, "onnx", tmp_path / "mask.onnx", "returns=mask")
+    with pytest.raises(ConfigError, match="returns=logits"):
+        load_task(mask_file)
+    logits_file = _export(trained_run, "onnx", tmp_path / "logits.onnx")
+    with pytest.raises(ConfigError, match="tta=ms_flip"):
+        _evaluate(logits_file, tmp_path / "e", "tta=ms_flip")
+    with pytest.raises(ConfigError, match="must end in .pt"):
+        _export(trained_run, "torchscript", tmp_path / "model.onnx")
+    with pytest.raises(ConfigError, match="already an exported file"):
+        export_model(compose([f"ckpt={logits_file}"], config_name="export"))
+    # returns=mask: the argmax inside the graph equals the argmax of the logits file
+    images = torch.randint(0, 256, (2, 3, 61, 77), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(load_runner(mask_file)(images), load_runner(logits_file)(images).argmax(1))
+
+
+BLOCK_SEGVOC = """
+import importlib.abc, sys
+class NoSegvoc(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "segvoc":
+            raise ImportError("segvoc is not importable in this test")
+sys.meta_path.insert(0, NoSegvoc())
+"""
+
+
+def test_torchscript_runs_with_only_torch(trained_run, tmp_path):
+    path = _export(trained_run, "torchscript", tmp_path / "model.pt")
+    code = BLOCK_SEGVOC + f"""
+import torch
+model = torch.jit.load({str(path)!r})
+images = torch.randint(0, 256, (2, 3, 97, 131), dtype=torch.uint8)
+logits = model(images)
+assert tuple(logits.shape) == (2, 21, 97, 131), logits.shape
+assert not [m for m in sys.modules if m.startswith("segvoc")]
+print("ran", tuple(logits.shape))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ran (2, 21, 97, 131)" in proc.stdout
+
+
+def _table(text: str, heading: str) -> dict[str, list[str]]:
+    """Rows of the first markdown table after ``heading``: first cell -> other cells."""
+    rows = {}
+    body = text.split(heading, 1)[1]
+    for line in body.splitlines()[1:]:
+        if not line.startswith("|"):
+            if rows:
+                break
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] not in ("---", "") and not set(cells[0]) <= {"-"}:
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_model_card_numbers_equal_metrics_json(trained_run, tmp_path):
+    card = (trained_run / "MODEL_CARD.md").read_text()
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    results = _table(card, "## Results")
+    for split in ("val", "test"):
+        m = metrics[split]
+        assert results[split][:4] == [fmt(m["miou"]), fmt(m["pixel_acc"]), fmt(m["mean_class_acc"]), fmt(m["loss"])]
+    per_class = _table(card, "Per-class IoU:")
+    assert len(per_class) == 22  # header row + 21 classes
+    for k, name in enumerate(per_class_names := list(per_class)[1:]):
+        assert per_class[name] == [fmt(metrics["val"]["per_class_iou"][k]), fmt(metrics["test"]["per_class_iou"][k])]
+    assert per_class_names[0] == "background"
+    weights = json.loads((trained_run / "class_weights.json").read_text())
+    rows = _table(card, "## Class weights (median_frequency)")
+    assert rows["aeroplane"] == [fmt(weights["weights"][1]), str(weights["counts"][1])]
+    splits = _table(card, "Split lists used")
+    for split in ("train", "val", "test"):
+        ids = (trained_run / "splits" / f"{split}.txt").read_text().split()
+        assert splits[split][0] == str(len(ids))
+        import hashlib
+
+        assert splits[split][1] == hashlib.sha256((trained_run / "splits" / f"{split}.txt").read_bytes()).hexdigest()
+    assert re.search(r"\| parameters \(total\) \| [\d,]+ \|", card)
+    assert "data.subset=6" in card
+    assert "Not launched from the command line" in card
+
+
+def test_model_card_command_comes_from_hydra_overrides(trained_run, tmp_path):
+    import shutil
+
+    from segvoc.checkpoint import checkpoint_config, read_checkpoint
+    from segvoc.model_card import model_card
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("checkpoints", "tb"))
+    (run / ".hydra").mkdir(exist_ok=True)
+    (run / ".hydra" / "overrides.yaml").write_text("- debug=smoke\n- loss.class_weights=median_frequency\n")
+    cfg = checkpoint_config(read_checkpoint(trained_run))
+    card = model_card(run, cfg, torch.nn.Linear(2, 3), None, "cpu")
+    assert "python -m segvoc.train debug=smoke loss.class_weights=median_frequency" in card
+    assert "| parameters (total) | 9 |" in card
+
+
+def test_export_copies_model_card_with_export_section(trained_run, tmp_path):
+    path = _export(trained_run, "onnx", tmp_path / "out" / "m.onnx")
+    card = (path.parent / "MODEL_CARD.md").read_text()
+    assert card.startswith((trained_run / "MODEL_CARD.md").read_text())
+    assert re.search(r"## Export: `m\.onnx`.*opset 18.*max abs logit difference [0-9.e-]+, argmax agreement 1\.0",
+                     card, re.S)
+
+
+def test_model_card_caveat_for_untrained_encoder():
+    from segvoc.model_card import caveats
+
+    assert any("weights=none" in c for c in caveats(compose(["model=resnet34_transfer", "model.weights=none"])))
+    assert not caveats(compose(["model=resnet34_transfer", "model.weights=imagenet"]))
