@@ -11,17 +11,23 @@ CONF_DIR = REPO_ROOT / "conf"
 
 if not OmegaConf.has_resolver("repo_root"):
     OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
-if not OmegaConf.has_resolver("coalesce"):
-    # first argument that is set: ${coalesce:${resume},<default>}
+if not OmegaConf.has_resolver("run_dir"):
+    # ${run_dir:${resume},<new dir>}: the run being resumed (resume=<dir>), else a new directory (also for
+    # resume=auto, which looks for an unfinished run in the directory it is given)
     OmegaConf.register_new_resolver(
-        "coalesce", lambda *args: next((a for a in args if a not in (None, "", "null", "None")), None))
+        "run_dir", lambda resume, new: new if resume in (None, "", "null", "None", "auto") else resume)
+if not OmegaConf.has_resolver("config_subdir"):
+    # where Hydra saves this launch's config: .hydra/ in a new run directory; .hydra_resume/ where a run already
+    # saved its .hydra/ (resumed, requeued, or re-run sweep jobs), so the original config is never overwritten
+    OmegaConf.register_new_resolver(
+        "config_subdir", lambda out: ".hydra_resume" if (Path(out) / ".hydra" / "config.yaml").is_file() else ".hydra")
+if not OmegaConf.has_resolver("offset"):
+    # ${offset:${hydra.job.num},N}: a job number N higher (sweeps that continue an earlier one)
+    OmegaConf.register_new_resolver("offset", lambda num, n: int(num) + int(n))
 if not OmegaConf.has_resolver("run_id"):
     # a token for this launch, so two runs started in the same second never share a directory: SLURM's job (and
     # array task) id when there is one, else a random one; cached, so one process always sees the same value
     OmegaConf.register_new_resolver("run_id", lambda: _run_id(), use_cache=True)
-if not OmegaConf.has_resolver("if_set"):
-    # ${if_set:${resume},A,B}: A when the first value is set, else B
-    OmegaConf.register_new_resolver("if_set", lambda v, a, b: a if v not in (None, "", "null", "None") else b)
 
 
 def _run_id() -> str:
@@ -73,7 +79,7 @@ def carry_overrides(stored: DictConfig, composed: DictConfig, allowed: tuple[str
 
     A group override (``trainer=gpu``) replaces that whole node; a key override (``trainer.max_epochs=50``) sets
     that key. Keys under ``allowed`` (prefixes such as ``trainer`` or ``data.root``) are applied; ``hydra.*`` and
-    ``resume`` are ignored; any other key is a ``ConfigError`` naming it, followed by ``refusal``.
+    ``resume``/``overwrite`` are ignored; any other key is a ``ConfigError`` naming it, followed by ``refusal``.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -83,7 +89,7 @@ def carry_overrides(stored: DictConfig, composed: DictConfig, allowed: tuple[str
     given = command_line_overrides() if overrides is None else overrides
     for ov in OverridesParser.create().parse_overrides(given):
         key = ov.key_or_group.replace("/", ".")
-        if key.split(".")[0] in ("hydra", "resume") or ov.is_delete():
+        if key.split(".")[0] in ("hydra", "resume", "overwrite") or ov.is_delete():
             continue
         if not any(key == a or key.startswith(a + ".") for a in allowed):
             raise ConfigError(f"{ov.input_line}: {key} cannot change here; {refusal}")

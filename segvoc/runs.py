@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segvoc.checkpoint import checkpoint_config, read_checkpoint
 from segvoc.config import carry_overrides
@@ -20,24 +23,105 @@ RESUME_MAY_CHANGE = ("trainer", "callbacks", "logger", "perf", "infer", "paths",
                      "data.pin_memory", "data.download", "traceback", "log_images", "matmul_precision")
 
 
-def resume_config(cfg: DictConfig) -> DictConfig:
+def resume_config(cfg: DictConfig, overrides: list[str] | None = None) -> DictConfig:
     """The config of the run in ``cfg.resume`` (stored in its last checkpoint), set to continue from it.
 
     What the user typed with ``resume=`` is applied on top when it only changes where and how the run goes on
     (``trainer=ddp trainer.devices=4``, ``trainer.max_epochs=50``, ``data.root=...``); anything that would change
     what is trained (``model=``, ``loss.*``, ``data.batch_size``, ...) is refused with one line naming the key.
+    ``overrides``: the overrides to check and apply (default: all typed on the command line).
     """
     run_dir = Path(cfg.resume).expanduser().resolve()
     last = run_dir / "checkpoints" / "last.ckpt"
     if not last.is_file():
         raise ConfigError(f"resume={run_dir}: no checkpoints/last.ckpt there; pass the run directory of a segvoc run")
     run_cfg = carry_overrides(checkpoint_config(read_checkpoint(last)), cfg, RESUME_MAY_CHANGE,
-                              "a resumed run keeps what it was trained with; start a new run (without resume=)")
+                              "a resumed run keeps what it was trained with; start a new run (without resume=)",
+                              overrides)
     with open_dict(run_cfg):
         run_cfg.paths.output_dir = str(run_dir)
         run_cfg.ckpt_path = str(last)
         run_cfg.resume = None
     return run_cfg
+
+
+# what a training run writes into its directory (besides Hydra's .hydra*/ and <job>.log)
+RUN_OUTPUTS = ("checkpoints", "tb", "splits", "metrics.json", "confusion.json", "class_weights.json", "MODEL_CARD.md",
+               "export", "FAILED.json")
+
+
+def stored_overrides(run_dir: Path) -> list[str] | None:
+    """The overrides the run in ``run_dir`` was launched with (its ``.hydra/overrides.yaml``), or None."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    return [str(o) for o in OmegaConf.load(path)] if path.is_file() else None
+
+
+def _key(override: str) -> str:
+    return override.lstrip("+~").split("=")[0].replace("/", ".")
+
+
+def _what_to_train(overrides: list[str]) -> set[str]:
+    # launch-only keys do not make a run different
+    return {o for o in overrides if _key(o).split(".")[0] not in ("hydra", "resume", "overwrite")}
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` already holds a training run's checkpoints or scores."""
+    return (run_dir / "metrics.json").is_file() or any((run_dir / "checkpoints").glob("*.ckpt"))
+
+
+def clear_run(run_dir: Path) -> None:
+    """Delete what an earlier run left in ``run_dir`` (``overwrite=true``); this launch's config becomes
+    ``.hydra/``."""
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    if (run_dir / ".hydra_resume").is_dir():  # written by this launch (config_subdir saw the old .hydra/)
+        shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
+        (run_dir / ".hydra_resume").rename(run_dir / ".hydra")
+
+
+@dataclass
+class AutoResume:
+    """What ``resume=auto`` decided for an output directory."""
+
+    action: str                              # start | resume | finished
+    cfg: DictConfig
+    metrics: dict[str, Any] | None = None    # the finished run's metrics.json
+
+
+def auto_resume(cfg: DictConfig, overrides: list[str]) -> AutoResume:
+    """``resume=auto`` in ``cfg.paths.output_dir``: resume an unfinished run (``checkpoints/last.ckpt``, no
+    ``metrics.json``), report a finished one, or start afresh. A run launched with other overrides than
+    ``overrides`` (what would be trained differs) is never resumed or skipped: that is a ``ConfigError``."""
+    out = Path(cfg.paths.output_dir)
+    before = stored_overrides(out)
+    finished = (out / "metrics.json").is_file()
+    last = out / "checkpoints" / "last.ckpt"
+    if before is not None and (finished or last.is_file()):
+        added = _what_to_train(overrides) - _what_to_train(before)
+        removed = _what_to_train(before) - _what_to_train(overrides)
+        if added or removed:
+            raise ConfigError(f"{out}: holds a run launched with other overrides (now {sorted(added)}, then "
+                              f"{sorted(removed)}); use another hydra.sweep.dir / hydra.run.dir, or overwrite=true")
+    if finished:
+        return AutoResume("finished", cfg, json.loads((out / "metrics.json").read_text()))
+    if last.is_file():
+        with open_dict(cfg):
+            cfg.resume = str(out)
+        if before is not None:  # what differs from the launch that started the run
+            new = [o for o in overrides if o not in before]
+        else:  # no record of that launch: carry only what may change on resume
+            new = [o for o in overrides if _key(o) in RESUME_MAY_CHANGE
+                   or any(_key(o).startswith(a + ".") for a in RESUME_MAY_CHANGE)]
+        return AutoResume("resume", resume_config(cfg, new))
+    clear_run(out)  # at most a start that never reached a checkpoint
+    with open_dict(cfg):
+        cfg.resume = None
+    return AutoResume("start", cfg)
 
 
 def ensure_writable(out: Path) -> None:

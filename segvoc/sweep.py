@@ -21,17 +21,26 @@ def record_failure(run_dir: Path, exc: BaseException) -> None:
     write_json(run_dir / FAILED_MARKER, {"error": f"{type(exc).__name__}: {exc}"})
 
 
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """The job directories of a sweep, old and new: every folder holding a ``.hydra/`` (also in per-launch
+    subfolders, as Optuna studies use), outside hidden folders such as ``.submitit/``."""
+    found = {p.parent for p in sweep_dir.rglob(".hydra") if p.is_dir()}
+    return sorted(d for d in found if d != sweep_dir
+                  and not any(part.startswith(".") for part in d.relative_to(sweep_dir).parts))
+
+
 def summarize(sweep_dir: Path) -> dict[str, Any]:
     """``{"ok": [...], "failed": {job: reason}}`` over the job folders of a sweep (also written to
     ``sweep_summary.json``)."""
     ok, failed = [], {}
-    for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for job in job_dirs(sweep_dir):
+        name = job.relative_to(sweep_dir).as_posix()
         if (job / FAILED_MARKER).is_file():
-            failed[job.name] = json.loads((job / FAILED_MARKER).read_text())["error"]
+            failed[name] = json.loads((job / FAILED_MARKER).read_text())["error"]
         elif (job / "metrics.json").is_file():
-            ok.append(job.name)
-        elif (job / ".hydra").is_dir():
-            failed[job.name] = "no metrics.json (killed or still running?)"
+            ok.append(name)
+        else:
+            failed[name] = "no metrics.json (killed or still running?)"
     summary = {"ok": ok, "failed": failed}
     write_json(sweep_dir / "sweep_summary.json", summary)
     return summary

@@ -19,17 +19,17 @@ import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from segvoc import config as _config  # noqa: F401  (registers resolvers before Hydra composes)
 from segvoc.app import quiet_library_noise, run_app
 from segvoc.builders import build_datamodule, build_task, build_trainer, class_weights_for
 from segvoc.checkpoint import checkpoint_config, load_state, read_checkpoint
-from segvoc.errors import InterruptedRun
-from segvoc.interrupts import PreemptionCheckpoint
+from segvoc.config import command_line_overrides  # also registers resolvers before Hydra composes
+from segvoc.errors import ConfigError, InterruptedRun
+from segvoc.interrupts import PreemptionCheckpoint, RequeueRequested
 from segvoc.model_card import FitSummary, device_name, write_model_card
-from segvoc.runs import ensure_writable, resume_config, split_scores, write_scores
+from segvoc.runs import auto_resume, clear_run, ensure_writable, holds_run, resume_config, split_scores, write_scores
 from segvoc.sweep import record_failure
 from segvoc.utils import write_json
 
@@ -37,8 +37,26 @@ log = logging.getLogger("segvoc.train")
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, then validate and test the best checkpoint; returns (and writes) the metrics dict."""
-    if cfg.get("resume"):
+    out = Path(cfg.paths.output_dir)
+    if cfg.get("overwrite"):
+        if cfg.get("resume") not in (None, "auto"):
+            raise ConfigError(f"overwrite=true with resume={cfg.resume}: choose one (overwrite starts the run again)")
+        clear_run(out)
+    elif cfg.get("resume") == "auto":
+        decision = auto_resume(cfg, command_line_overrides())
+        if decision.action == "finished":
+            print(f"skipped, finished: {out} (test mIoU {decision.metrics['test']['miou']:.4f}; overwrite=true "
+                  "runs it again)", flush=True)
+            return decision.metrics
+        cfg = decision.cfg
+        if decision.action == "resume":
+            log.info("resuming the unfinished run in %s", out)
+    elif cfg.get("resume"):
         cfg = resume_config(cfg)
+    elif holds_run(out):
+        raise ConfigError(f"{out}: holds another run's files (checkpoints or metrics.json); continue it with "
+                          f"resume={out} (or resume=auto), replace it with overwrite=true, or pick another "
+                          "hydra.run.dir")
     out = Path(cfg.paths.output_dir)
     ensure_writable(out)
     pl.seed_everything(int(cfg.seed), workers=True)
@@ -64,6 +82,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         preempt = next((c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)), None)
         if preempt is None or not preempt.interrupted:
             raise
+        if isinstance(exc, RequeueRequested):
+            preempt.requeue()  # submitit requeues this job and exits; the requeued job resumes (resume=auto)
         signame = "SIGTERM" if isinstance(exc, SIGTERMException) else "Ctrl-C"
         raise InterruptedRun(f"{out}: stopped by {signame} at step {trainer.global_step}; "
                              f"resume with: python -m segvoc.train resume={out}") from None
@@ -108,6 +128,9 @@ def main(cfg: DictConfig) -> float | None:
     key = cfg.get("optimized_metric")
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         quiet_library_noise()
+        if cfg.get("resume") is None:  # re-running a sweep in its directory skips finished jobs, resumes the rest
+            with open_dict(cfg):
+                cfg.resume = "auto"
         try:
             metrics = train(cfg)
         except InterruptedRun as exc:

@@ -252,3 +252,34 @@ def test_lightning_save_last_alone_does_not_write_every_epoch(smoke_cfg, tmp_pat
     assert last == best < 2  # last.ckpt followed the best epoch, not the last one
     train(smoke_cfg(*common, f"paths.output_dir={tmp_path / 'ours'}"))
     assert torch.load(tmp_path / "ours" / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 2
+
+
+def test_resume_auto_starts_skips_resumes_and_refuses_another_runs_dir(smoke_cfg, tmp_path, capsys):
+    from omegaconf import open_dict
+
+    from segvoc.errors import ConfigError
+    from segvoc.train import train
+
+    first = train(smoke_cfg("resume=auto"))                       # nothing there: starts
+    assert (tmp_path / "metrics.json").is_file()
+    assert train(smoke_cfg("resume=auto")) == json.loads((tmp_path / "metrics.json").read_text())  # finished
+    assert f"skipped, finished: {tmp_path}" in capsys.readouterr().out
+    (tmp_path / "metrics.json").unlink()                          # as if killed before scoring: resumes
+    cfg = smoke_cfg("resume=auto")
+    assert train(cfg)["test"] == first["test"]
+    with pytest.raises(ConfigError, match="holds another run's files"):
+        train(smoke_cfg())                                        # a plain run never writes into another's dir
+    with pytest.raises(ConfigError, match="choose one"):
+        cfg = smoke_cfg("overwrite=true")
+        with open_dict(cfg):
+            cfg.resume = str(tmp_path)
+        train(cfg)
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("- loss=dice\n")
+    with pytest.raises(ConfigError, match="other overrides"):  # launched differently: never resumed or skipped
+        from segvoc.runs import auto_resume
+
+        auto_resume(smoke_cfg("resume=auto"), ["loss=ce"])
+    stamp = (tmp_path / "metrics.json").stat().st_mtime_ns
+    assert train(smoke_cfg("overwrite=true"))["test"] == first["test"]  # starts again from scratch, same result
+    assert (tmp_path / "metrics.json").stat().st_mtime_ns > stamp

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,15 +76,29 @@ def test_submitit_local_launcher_runs_two_jobs(tmp_path, synthetic_root):
     assert (tmp_path / "sweep" / ".submitit").is_dir()  # really went through submitit
 
 
-def test_optuna_search_two_trials(tmp_path, synthetic_root):
-    r = _cli("segvoc.train", "hparams_search=optuna", "hydra.sweeper.n_trials=2",
-             "hydra.sweeper.sampler.n_startup_trials=2", *_smoke(synthetic_root), "data.image_size=64",
-             "data.num_workers=0", f"hydra.sweep.dir={tmp_path}/opt")
-    assert r.returncode == 0, r.stderr[-3000:]
-    jobs = [p for p in (tmp_path / "opt").iterdir() if p.is_dir() and (p / "metrics.json").is_file()]
-    assert len(jobs) == 2
-    best = (tmp_path / "opt" / "optimization_results.yaml").read_text()
-    assert "best_params" in best and "optimizer.lr" in best
+def test_optuna_study_is_stored_and_continued_to_n_trials_in_total(tmp_path, synthetic_root):
+    def search(n: int) -> subprocess.CompletedProcess:
+        r = _cli("segvoc.train", "hparams_search=optuna", f"hydra.sweeper.n_trials={n}",
+                 "hydra.sweeper.sampler.n_startup_trials=2", *_smoke(synthetic_root), "data.image_size=64",
+                 "data.num_workers=0", f"hydra.sweep.dir={tmp_path}/opt")
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r
+
+    search(2)
+    assert (tmp_path / "opt" / "optuna.db").is_file()  # SQLite in the sweep directory
+    second = search(3)
+    assert "2 of 3 trials done; running 1 more" in second.stdout
+    jobs = sorted(p.name for p in _jobs(tmp_path / "opt") if (p / "metrics.json").is_file())
+    assert jobs == ["0_fcn_baseline", "1_fcn_baseline", "2_fcn_baseline"]  # new jobs numbered after the old
+    import yaml
+
+    best = yaml.safe_load((tmp_path / "opt" / "optuna_best.yaml").read_text())
+    assert best["trials_complete"] == 3 and "optimizer.lr" in best["best_params"]
+    assert f"optuna best: trial {best['best_trial']}" in second.stdout
+    values = [json.loads((tmp_path / "opt" / j / "metrics.json").read_text())["val"]["miou"] for j in jobs]
+    assert best["best_value"] == pytest.approx(max(values))
+    third = search(3)
+    assert "running 0 more" in third.stdout and len(_jobs(tmp_path / "opt")) == 3
 
 
 def test_failing_job_does_not_stop_the_sweep_but_fails_it(tmp_path, synthetic_root):
@@ -116,3 +131,67 @@ def test_interrupt_stops_the_whole_sweep(tmp_path, synthetic_root, sig):
     assert jobs == ["0_fcn_baseline"]  # the second job never started
     job = tmp_path / "sw" / jobs[0]
     assert not (job / "FAILED.json").exists() and (job / "checkpoints" / "last.ckpt").is_file()
+
+
+def _jobs(sweep: Path) -> list[Path]:
+    return sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _same_run(a: Path, b: Path) -> None:
+    import torch
+
+    assert json.loads((a / "metrics.json").read_text()) == json.loads((b / "metrics.json").read_text())
+    sa = torch.load(a / "checkpoints" / "last.ckpt", weights_only=True)
+    sb = torch.load(b / "checkpoints" / "last.ckpt", weights_only=True)
+    assert sa["global_step"] == sb["global_step"]
+    assert all(torch.equal(sa["state_dict"][k], sb["state_dict"][k]) for k in sa["state_dict"])
+
+
+REQUEUE = ["hydra/launcher=local", "data.batch_size=1", "data.num_workers=0", "data.image_size=64"]
+
+
+def test_submitit_requeue_signal_saves_requeues_and_continues_exactly(tmp_path, synthetic_root):
+    """SIGUSR2 (what SLURM sends before the time limit / on pre-emption, via submitit) in the middle of an epoch:
+    the job saves at the batch boundary, submitit requeues it, and the requeued job continues the same run
+    directory to the weights and metrics of an uninterrupted run."""
+    ref = _cli("segvoc.train", "-m", *REQUEUE, *_smoke(synthetic_root), "trainer.max_epochs=3",
+               f"hydra.sweep.dir={tmp_path}/ref")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    r = _cli("segvoc.train", "-m", *REQUEUE, *_smoke(synthetic_root), "trainer.max_epochs=3",
+             "+callbacks.signal_at._target_=tests.helpers.SignalAt", "+callbacks.signal_at.step=7",
+             "+callbacks.signal_at.sig=12", f"hydra.sweep.dir={tmp_path}/rq")
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = "".join(p.read_text() for p in (tmp_path / "rq" / ".submitit").rglob("*_log.*"))
+    assert "Caught signal SIGUSR2" in log and "Requeued job" in log  # submitit's own requeue
+    assert re.search(r"interrupted at step \d+: saved .*last\.ckpt \(batch \d of epoch 1\)", log)  # exact, first
+    assert "resuming the unfinished run" in log                     # resume=auto in the requeued job
+    (job,) = _jobs(tmp_path / "rq")
+    _same_run(job, _jobs(tmp_path / "ref")[0])
+
+
+def test_killed_sweep_rerun_skips_finished_and_resumes_the_rest(tmp_path, synthetic_root):
+    """SIGKILL in the middle of the second job; the same command again skips job 0, resumes job 1 from its
+    last.ckpt, and every job ends as in an uninterrupted sweep. overwrite=true runs everything again."""
+    sweep = ["-m", "seed=1,2", *_smoke(synthetic_root), "trainer.max_epochs=2", "data.batch_size=2",
+             "data.image_size=64", "data.num_workers=0"]
+    ref = _cli("segvoc.train", *sweep, f"hydra.sweep.dir={tmp_path}/ref")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    kill = ["+callbacks.signal_at._target_=tests.helpers.SignalAt", "+callbacks.signal_at.step=4",
+            "+callbacks.signal_at.sig=9", "+callbacks.signal_at.job=1"]
+    first = _cli("segvoc.train", *sweep, *kill, f"hydra.sweep.dir={tmp_path}/sw")
+    assert first.returncode == -9
+    job0, job1 = _jobs(tmp_path / "sw")
+    assert (job0 / "metrics.json").is_file() and not (job1 / "metrics.json").exists()
+    assert (job1 / "checkpoints" / "last.ckpt").is_file()
+    again = _cli("segvoc.train", *sweep, *kill, f"hydra.sweep.dir={tmp_path}/sw")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"skipped, finished: {job0}" in again.stdout
+    assert "2 finished, 0 failed" in again.stdout
+    for mine, theirs in zip(_jobs(tmp_path / "sw"), _jobs(tmp_path / "ref"), strict=True):
+        _same_run(mine, theirs)
+    before = (job0 / "metrics.json").stat().st_mtime_ns
+    over = _cli("segvoc.train", *sweep, "overwrite=true", f"hydra.sweep.dir={tmp_path}/sw")
+    assert over.returncode == 0, over.stderr[-3000:]
+    assert "skipped" not in over.stdout and (job0 / "metrics.json").stat().st_mtime_ns > before
+    assert "overwrite=true" in (job0 / ".hydra" / "overrides.yaml").read_text().lower()  # this launch: .hydra/
+    _same_run(job0, _jobs(tmp_path / "ref")[0])
