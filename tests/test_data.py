@@ -65,15 +65,15 @@ def test_splits_are_seeded_halves_of_val(voc_mini):
     assert make_splits(voc_mini, test_fraction=0.5, split_seed=0) == s
 
 
-def test_datamodule_writes_splits_and_pads_eval_batches(voc_mini, tmp_path):
+def test_datamodule_writes_splits_and_never_pads_eval_batches(voc_mini, tmp_path):
     cfg = compose([f"paths.output_dir={tmp_path}", "data=voc_mini", f"data.root={voc_mini}", "data.eval_batch_size=2",
                    "data.test_fraction=0"])
     dm = build_datamodule(cfg, split_dir=tmp_path / "splits")
     dm.setup("fit")
     assert (tmp_path / "splits" / "val.txt").read_text().split() == ["2007_000033", "2007_000042"]
-    batch = next(iter(dm.val_dataloader()))
-    assert batch["image"].shape == (2, 3, 366, 500)  # full resolution, padded to the larger image
-    assert (batch["mask"][1, 335:] == 255).all()  # padding is ignored, never a class
+    batches = list(dm.val_dataloader())  # two sizes: two batches at full resolution, nothing padded
+    assert [tuple(b["image"].shape) for b in batches] == [(1, 3, 366, 500), (1, 3, 335, 500)]
+    assert [b["id"] for b in batches] == [["2007_000033"], ["2007_000042"]]
     train = next(iter(dm.train_dataloader()))
     assert train["image"].shape[-2:] == (384, 512)  # augment=none: native scale, padded to multiples of 32
 
@@ -245,3 +245,48 @@ print("ok", tuple(batch["image"].shape))
 """
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-2000:]
+
+
+def test_size_grouped_batches_cover_each_shard_once_with_one_size_per_batch():
+    from segvoc.data.sampling import SizeGroupedBatches
+
+    sizes = [(5, 7), (7, 5), (5, 7), (9, 9), (5, 7), (7, 5), (5, 7), (5, 7), (9, 9), (7, 5), (5, 7)]
+    for world in (1, 2, 3):
+        seen = []
+        for rank in range(world):
+            batches = list(SizeGroupedBatches(sizes, 3, rank, world))
+            assert all(len(b) <= 3 and len({sizes[i] for i in b}) == 1 for b in batches)
+            assert sorted(i for b in batches for i in b) == list(range(rank, len(sizes), world))
+            seen += [i for b in batches for i in b]
+        assert sorted(seen) == list(range(len(sizes)))  # every image exactly once over the ranks
+    assert list(SizeGroupedBatches(sizes, 3)) == [[0, 2, 4], [6, 7, 10], [1, 5, 9], [3, 8]]
+
+
+def test_eval_batch_size_does_not_change_the_confusion_matrix(tmp_path):
+    """Batch 1 and batch 4 over images of mixed odd sizes: the same predictions, so the same confusion matrix."""
+    import pytorch_lightning as pl
+    import torch
+
+    from segvoc.builders import build_task
+    from segvoc.data.synthetic import generate
+
+    root = tmp_path / "mixed"
+    generate(root, num_train=4, num_val=14, classes=(1, 7, 8, 12, 15), sizes=[[61, 77], [77, 61], [45, 90]])
+    matrices = []
+    for batch_size in (1, 4):
+        cfg = compose([f"paths.output_dir={tmp_path}", "data=synthetic", f"data.root={root}", "data.synthetic=null",
+                       f"data.eval_batch_size={batch_size}", "data.num_workers=0", "data.test_fraction=0"])
+        dm = build_datamodule(cfg)
+        dm.setup("fit")
+        assert len({dm.datasets["val"].sizes()[i] for i in range(14)}) == 3
+        torch.manual_seed(0)
+        task = build_task(cfg, pretrained=False)
+        for m in task.model.modules():  # trained-like BatchNorm statistics, so classes other than one are predicted
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.validate(task, dataloaders=dm.val_dataloader(), verbose=False)
+        matrices.append(task.scores["val"]["confusion"])
+    assert (matrices[0] == matrices[1]).all()
+    assert (matrices[0].sum(0) > 0).sum() >= 2  # more than one class predicted: the comparison means something

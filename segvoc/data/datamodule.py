@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from segvoc.data import synthetic
 from segvoc.data.fetch import prepare_tree
-from segvoc.data.sampling import EpochShuffleSampler, ResumableLoader, ShardSampler, epoch_position
+from segvoc.data.sampling import EpochShuffleSampler, ResumableLoader, SizeGroupedBatches, epoch_position
 from segvoc.data.transforms import build_pipeline, pad_collate
 from segvoc.data.voc import VOCPairs, make_splits, mask_dir_for, resolve_voc_root
 
@@ -104,7 +104,7 @@ class VOCDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         """Training: shuffled per (seed, epoch), resumable mid-epoch, last partial batch dropped when a rank has
-        more than one batch. Evaluation: every image once, in order."""
+        more than one batch. Evaluation: every image once, batched with images of the same size."""
         n = len(self.datasets[split])
         rank, world = self._rank_world()
         if self.num_workers > 0:
@@ -112,10 +112,11 @@ class VOCDataModule(pl.LightningDataModule):
             # each worker decoding with several threads would oversubscribe the cores: one OpenCV thread from here
             # on. Set when workers are about to start, not at import (predict's resizing keeps its threads).
             cv2.setNumThreads(1)
-        common = dict(batch_size=batch_size, num_workers=self.num_workers, pin_memory=self.pin_memory,
+        common = dict(num_workers=self.num_workers, pin_memory=self.pin_memory,
                       persistent_workers=self.num_workers > 0, collate_fn=pad_collate)
-        if not shuffle:
-            return DataLoader(self.datasets[split], sampler=ShardSampler(n, rank, world), **common)
+        if not shuffle:  # full-resolution images, batched only with images of their own size (never padded)
+            batches = SizeGroupedBatches(self.datasets[split].sizes(), batch_size, rank, world)
+            return DataLoader(self.datasets[split], batch_sampler=batches, **common)
         sampler = EpochShuffleSampler(n, self.seed, rank, world)
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
@@ -123,8 +124,8 @@ class VOCDataModule(pl.LightningDataModule):
             # only after it created the first iterator, and loader workers start fetching at once: without this a
             # run resumed at an epoch end with workers would replay epoch 0's order and augmentation.
             sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
-        return ResumableLoader(self.datasets[split], sampler=sampler, drop_last=len(sampler) > batch_size,
-                               progress=self._train_progress, **common)
+        return ResumableLoader(self.datasets[split], sampler=sampler, batch_size=batch_size,
+                               drop_last=len(sampler) > batch_size, progress=self._train_progress, **common)
 
     def _train_progress(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)

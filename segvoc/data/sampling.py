@@ -8,7 +8,7 @@ checkpoint (epoch end, or mid-epoch after SIGTERM/Ctrl-C) continues with exactly
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -66,6 +66,27 @@ class ShardSampler(Sampler):
 
     def __iter__(self) -> Iterator[int]:
         return iter(range(self.rank, self.n, self.world_size))
+
+
+class SizeGroupedBatches(Sampler):
+    """Evaluation batches of equal-sized images: this rank's shard (``rank, rank + world_size, ...``, as
+    ``ShardSampler``), grouped by image size in order of first appearance, cut into batches of at most
+    ``batch_size``. Every image is scored once and never padded, so predictions (and metrics) do not depend on
+    the batch size; VOC has few distinct sizes, so most batches are full."""
+
+    def __init__(self, sizes: Sequence[tuple[int, int]], batch_size: int, rank: int = 0, world_size: int = 1) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: must be at least 1")
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index in ShardSampler(len(sizes), rank, world_size):
+            groups.setdefault(tuple(sizes[index]), []).append(index)
+        self.batches = [g[k:k + batch_size] for g in groups.values() for k in range(0, len(g), batch_size)]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter([list(b) for b in self.batches])
 
 
 Progress = Callable[[], tuple[int, int]]

@@ -72,11 +72,18 @@ def render_scene(rng: np.random.Generator, height: int, width: int, classes: Seq
 
 
 def generate(root: str | Path, num_train: int = 160, num_val: int = 80, height: int = 120, width: int = 160,
-             classes: Sequence[int] = DEFAULT_CLASSES, seed: int = 0) -> Path:
-    """Write the tree ``root/VOCdevkit/VOC2012`` (skipped when an identical one exists); return VOC2012's path."""
+             classes: Sequence[int] = DEFAULT_CLASSES, seed: int = 0,
+             sizes: Sequence[Sequence[int]] | None = None, jpeg_quality: int = 92) -> Path:
+    """Write the tree ``root/VOCdevkit/VOC2012`` (skipped when an identical one exists); return VOC2012's path.
+
+    Every image is ``height`` x ``width``, or, with ``sizes`` (a list of ``[h, w]``), of a size drawn from that
+    list per image (e.g. VOC's ``[[375, 500], [500, 375], [333, 500]]``), saved as JPEG at ``jpeg_quality``.
+    """
     root = Path(root)
     params = {"num_train": num_train, "num_val": num_val, "height": height, "width": width,
               "classes": list(classes), "seed": seed, "version": 1}
+    if sizes is not None or jpeg_quality != 92:  # keeps the markers (and caches) of earlier trees valid
+        params.update(sizes=[[int(h), int(w)] for h, w in sizes or [[height, width]]], jpeg_quality=int(jpeg_quality))
     voc = root / "VOCdevkit" / "VOC2012"
     marker = root / "synthetic.json"
     if marker.is_file() and json.loads(marker.read_text()) == params and voc.is_dir():
@@ -97,13 +104,16 @@ def _write_tree(root: Path, params: dict, classes: Sequence[int]) -> None:
     for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (tvoc / d).mkdir(parents=True)
     rng = np.random.default_rng(seed)
+    sizes = params.get("sizes") or [[height, width]]
+    quality = int(params.get("jpeg_quality", 92))
     ids = {"train": [f"syn_train_{i:05d}" for i in range(num_train)],
            "val": [f"syn_val_{i:05d}" for i in range(num_val)]}
     for split_ids in ids.values():
         for i in split_ids:
-            image, mask = render_scene(rng, height, width, classes)
+            h, w = sizes[int(rng.integers(len(sizes)))] if len(sizes) > 1 else sizes[0]
+            image, mask = render_scene(rng, h, w, classes)
             cv2.imwrite(str(tvoc / "JPEGImages" / f"{i}.jpg"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
-                        [cv2.IMWRITE_JPEG_QUALITY, 92])
+                        [cv2.IMWRITE_JPEG_QUALITY, quality])
             save_palette_mask(mask, tvoc / "SegmentationClass" / f"{i}.png")
     sets = tvoc / "ImageSets" / "Segmentation"
     for name, split_ids in ids.items():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from segvoc.data.io import load_image, load_mask
@@ -132,6 +133,7 @@ class VOCPairs(Dataset):
         self.mask_dir = mask_dir
         self.transform = transform
         self.seed = seed
+        self._sizes: list[tuple[int, int]] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -139,6 +141,20 @@ class VOCPairs(Dataset):
     def mask_paths(self) -> list[Path]:
         """The mask file of every id, in order."""
         return [self.voc / self.mask_dir / f"{i}.png" for i in self.ids]
+
+    def sizes(self) -> list[tuple[int, int]]:
+        """(H, W) of every pair, in order, read from the mask files' headers (no decoding; cached)."""
+        if self._sizes is None:
+            sizes = []
+            for path in self.mask_paths():
+                try:
+                    with Image.open(path) as im:
+                        sizes.append((im.height, im.width))
+                except OSError:
+                    raise DatasetError(f"{path}: cannot read this mask; restore it or remove its id from the "
+                                       "split list") from None
+            self._sizes = sizes
+        return self._sizes
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Raw RGB image and index mask of one id, after checking they match in size."""
