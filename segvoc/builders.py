@@ -57,6 +57,15 @@ def resolve_loader_settings(num_workers: int | str, pin_memory: bool | str,
     return int(num_workers), bool(pin_memory)
 
 
+def resolve_eval_batch_size(eval_batch_size: int | str, batch_size: int, accelerator: str | None = None) -> int:
+    """``auto``: 1 on the CPU, where batching full-resolution images measured no faster (``segvoc.bench``), and the
+    training batch size on a GPU. Batches only ever hold images of one size, so the value never changes scores."""
+    if eval_batch_size == "auto":
+        gpu = accelerator in ("gpu", "cuda", "auto", None) and torch.cuda.is_available()
+        return int(batch_size) if gpu else 1
+    return int(eval_batch_size)
+
+
 def build_datamodule(cfg: DictConfig, split_dir: str | Path | None = None) -> VOCDataModule:
     """The DataModule for a composed run config (``cfg.data`` + ``cfg.augment``)."""
     d = cfg.data
@@ -64,10 +73,12 @@ def build_datamodule(cfg: DictConfig, split_dir: str | Path | None = None) -> VO
     workers, pin = resolve_loader_settings(d.num_workers, d.pin_memory, trainer_cfg.get("accelerator"))
     return VOCDataModule(
         root=d.root, train_split=d.train_split, test_fraction=d.test_fraction, split_seed=d.split_seed,
-        subset=d.subset, batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, num_workers=workers,
+        subset=d.subset, batch_size=d.batch_size, num_workers=workers,
+        eval_batch_size=resolve_eval_batch_size(d.eval_batch_size, d.batch_size, trainer_cfg.get("accelerator")),
         pin_memory=pin, download=d.download, sources={"urls": d.get("urls") or {}, "md5": d.get("md5") or {}},
         augment=cfg.augment, synthetic_cfg=d.get("synthetic"),
         split_dir=str(split_dir) if split_dir else None, seed=int(cfg.get("seed", 0)),
+        decode_cache=bool(d.get("decode_cache", False)), cache_dir=str(cfg.paths.cache_dir),
     )
 
 

@@ -13,5 +13,5 @@ def prepare_model(model: nn.Module, perf: DictConfig | dict | None) -> nn.Module
     if perf.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
     if perf.get("compile"):
-        model = torch.compile(model)
+        model.compile()  # in place: state-dict keys (checkpoints) stay those of the plain model
     return model

@@ -20,7 +20,8 @@ METRIC_KEYS = ("loss", "miou", "pixel_acc", "mean_class_acc", "per_class_iou")
 
 # what may change when a run is resumed: where and how it runs, not what it trains
 RESUME_MAY_CHANGE = ("trainer", "callbacks", "logger", "perf", "infer", "paths", "data.root", "data.num_workers",
-                     "data.pin_memory", "data.download", "traceback", "log_images", "matmul_precision")
+                     "data.pin_memory", "data.download", "data.decode_cache", "data.eval_batch_size", "traceback",
+                     "log_images", "matmul_precision")
 
 
 def resume_config(cfg: DictConfig, overrides: list[str] | None = None) -> DictConfig:

@@ -290,3 +290,31 @@ def test_eval_batch_size_does_not_change_the_confusion_matrix(tmp_path):
         matrices.append(task.scores["val"]["confusion"])
     assert (matrices[0] == matrices[1]).all()
     assert (matrices[0].sum(0) > 0).sum() >= 2  # more than one class predicted: the comparison means something
+
+
+def test_decode_cache_gives_the_same_batches_and_follows_file_changes(tmp_path):
+    """data.decode_cache=true: the same training batches as decoding JPEGs (same seed, epoch, augmentation), from
+    a memory-mapped file that workers read; editing an image makes a new cache."""
+    import torch
+
+    from segvoc.data.synthetic import generate
+
+    root = tmp_path / "mixed"
+    generate(root, num_train=6, num_val=2, sizes=[[61, 77], [77, 61]])
+    batches = {}
+    for cached in (False, True):
+        cfg = compose([f"paths.output_dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache", "data=synthetic",
+                       f"data.root={root}", "data.synthetic=null", "augment=report", "data.image_size=48",
+                       "data.batch_size=3", "data.num_workers=2", f"data.decode_cache={str(cached).lower()}"])
+        dm = build_datamodule(cfg)
+        dm.setup("fit")
+        assert (dm.datasets["train"].decoded is not None) == cached
+        batches[cached] = list(dm.train_dataloader())
+    for a, b in zip(batches[False], batches[True], strict=True):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+    assert len(list((tmp_path / "cache" / "decoded").glob("decoded_*.u8"))) == 1
+    image = next((root / "VOCdevkit" / "VOC2012" / "JPEGImages").glob("syn_train_*.jpg"))
+    image.write_bytes(image.read_bytes())  # a new mtime: the cache key changes
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
+    assert len(list((tmp_path / "cache" / "decoded").glob("decoded_*.u8"))) == 2

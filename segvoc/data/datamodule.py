@@ -21,7 +21,9 @@ class VOCDataModule(pl.LightningDataModule):
     """VOC 2012 in the official layout. ``test`` is a seeded half of the official val list (see ``make_splits``).
 
     Training samples go through the ``augment.train`` pipeline (fixed-size crops); val/test samples stay at
-    full resolution and are padded per batch (image 0, mask 255) so metrics are computed on original masks.
+    full resolution, batched only with images of the same size (never padded), so metrics are computed on
+    original masks and do not depend on ``eval_batch_size``. ``decode_cache`` reads training pairs from a one-time
+    decoded copy (``segvoc.data.decoded``).
     Samplers shard by rank themselves (run with ``use_distributed_sampler=False``): training order depends only on
     (seed, epoch), and evaluation scores every image exactly once, without DistributedSampler's padding.
     """
@@ -43,6 +45,8 @@ class VOCDataModule(pl.LightningDataModule):
         synthetic_cfg: DictConfig | dict | None = None,
         split_dir: str | None = None,
         seed: int = 0,
+        decode_cache: bool = False,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.root = root
@@ -60,6 +64,8 @@ class VOCDataModule(pl.LightningDataModule):
         self.synthetic_cfg = synthetic_cfg
         self.split_dir = split_dir
         self.seed = seed
+        self.decode_cache = decode_cache
+        self.cache_dir = cache_dir
         self.voc: Path | None = None
         self.splits: dict[str, list[str]] = {}
         self.datasets: dict[str, VOCPairs] = {}
@@ -89,6 +95,8 @@ class VOCDataModule(pl.LightningDataModule):
                             train_tf if split == "train" else eval_tf, seed=self.seed)
             for split, ids in self.splits.items()
         }
+        if self.decode_cache:
+            self.datasets["train"].use_decode_cache(Path(self.cache_dir or self.root) / "decoded")
         if self.split_dir and rank_zero_only.rank == 0:
             self.write_splits(Path(self.split_dir))
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ import numpy as np
 from rich.progress import track
 
 from segvoc.data.io import load_mask
-from segvoc.utils import atomic_write_text
+from segvoc.utils import atomic_write_text, files_key
 
 
 @dataclass
@@ -37,11 +36,7 @@ def class_statistics(mask_paths: Sequence[Path], num_classes: int) -> ClassStati
 
 def cached_class_statistics(mask_paths: Sequence[Path], cache_dir: Path, num_classes: int) -> ClassStatistics:
     """``class_statistics`` cached in ``cache_dir`` under a key of the mask paths, sizes and mtimes."""
-    h = hashlib.sha1()
-    for p in mask_paths:
-        st = Path(p).stat()
-        h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    cache = Path(cache_dir) / f"class_stats_{num_classes}_{h.hexdigest()[:16]}.json"
+    cache = Path(cache_dir) / f"class_stats_{num_classes}_{files_key(mask_paths)}.json"
     if cache.is_file():
         data = json.loads(cache.read_text())
         return ClassStatistics(np.array(data["counts"], np.int64), np.array(data["image_pixels"], np.int64))

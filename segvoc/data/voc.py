@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -134,6 +135,7 @@ class VOCPairs(Dataset):
         self.transform = transform
         self.seed = seed
         self._sizes: list[tuple[int, int]] | None = None
+        self.decoded: Any = None  # DecodedPairs when data.decode_cache is on
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -156,8 +158,18 @@ class VOCPairs(Dataset):
             self._sizes = sizes
         return self._sizes
 
+    def use_decode_cache(self, cache_dir: Path) -> None:
+        """Read pairs from a one-time decoded, memory-mapped copy (``data.decode_cache``; ``segvoc.data.decoded``)."""
+        from segvoc.data.decoded import DecodedPairs
+
+        self.decoded = None
+        files = [self.voc / "JPEGImages" / f"{i}.jpg" for i in self.ids] + self.mask_paths()
+        self.decoded = DecodedPairs(self.load, files, len(self), cache_dir)
+
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Raw RGB image and index mask of one id, after checking they match in size."""
+        if self.decoded is not None:
+            return self.decoded[index]
         i = self.ids[index]
         image = load_image(self.voc / "JPEGImages" / f"{i}.jpg")
         mask_path = self.voc / self.mask_dir / f"{i}.png"
