@@ -59,9 +59,15 @@ def _peak_mb(device: torch.device) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the sections; scratch runs (checkpoints, logs, the VOC-sized set) go to a temporary folder, removed at
+    the end."""
+    with tempfile.TemporaryDirectory(prefix="segvoc-bench-") as scratch:
+        return _run(args, Path(scratch))
+
+
+def _run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     started = time.perf_counter()
     device = torch.device(args.device)
-    out = Path(tempfile.mkdtemp(prefix="segvoc-bench-"))
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "threads": torch.get_num_threads(),
