@@ -47,7 +47,7 @@ def test_flop_count_of_a_frozen_encoder_step_leaves_out_its_backward():
     assert f < 0.75 * t
 
 
-def test_interleaved_probe_times_task_and_plain_steps_separately():
+def test_interleaved_probe_times_task_and_plain_steps_separately(tmp_path):
     """A deliberately slow plain step makes the ratio (task / plain img/s) large; a slow task step makes it small."""
     import time
 
@@ -55,7 +55,7 @@ def test_interleaved_probe_times_task_and_plain_steps_separately():
     from segvoc.throughput import overhead
 
     cfg = compose(["model=fcn_baseline", "model.encoder_channels=[4,4,4,4,4]", "model.decoder_channels=[4,4,4,4,4]",
-                   "paths.output_dir=/tmp/segvoc-bench-test", "trainer.enable_progress_bar=false", "logger=none",
+                   f"paths.output_dir={tmp_path}", "trainer.enable_progress_bar=false", "logger=none",
                    "trainer.max_epochs=1", "trainer.enable_model_summary=false", "trainer.num_sanity_val_steps=0"])
     import segvoc.throughput as tp
 
