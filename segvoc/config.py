@@ -73,6 +73,12 @@ def command_line_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
+def stored_overrides(run_dir: Path) -> list[str] | None:
+    """The overrides the run in ``run_dir`` was launched with (its ``.hydra/overrides.yaml``), or None."""
+    path = Path(run_dir) / ".hydra" / "overrides.yaml"
+    return [str(o) for o in OmegaConf.load(path)] if path.is_file() else None
+
+
 def carry_overrides(stored: DictConfig, composed: DictConfig, allowed: tuple[str, ...], refusal: str,
                     overrides: list[str] | None = None) -> DictConfig:
     """Apply what the user typed to a stored run config (a checkpoint's), taking values from ``composed``.

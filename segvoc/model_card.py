@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from segvoc.config import choice
+from segvoc.config import choice, stored_overrides
 from segvoc.data.palette import VOC_CLASSES
 from segvoc.tables import markdown_table
 from segvoc.utils import atomic_write_text
@@ -111,11 +111,6 @@ def _split_rows(run_dir: Path) -> list[tuple[str, int, str]]:
     return rows
 
 
-def _overrides(run_dir: Path) -> list[str] | None:
-    path = run_dir / ".hydra" / "overrides.yaml"
-    return [str(o) for o in OmegaConf.load(path)] if path.is_file() else None
-
-
 def model_card(run_dir: Path, cfg: DictConfig, model: nn.Module, fit: FitSummary | None, device: str) -> str:
     """The markdown text of the run's model card (see the module docstring for its sources)."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -174,7 +169,7 @@ def model_card(run_dir: Path, cfg: DictConfig, model: nn.Module, fit: FitSummary
     lines += ["## Hardware and versions", "",
               markdown_table(("key", "value"), list(versions(device).items())),
               "## Command", ""]
-    overrides = _overrides(run_dir)
+    overrides = stored_overrides(run_dir)
     if overrides is None:
         lines += ["Not launched from the command line (no `.hydra/overrides.yaml`); the full config is in the "
                   "checkpoint.", ""]

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from segvoc.checkpoint import checkpoint_config, read_checkpoint
-from segvoc.config import carry_overrides
+from segvoc.config import carry_overrides, stored_overrides
 from segvoc.errors import ConfigError
 from segvoc.task import SegmentationTask
 from segvoc.utils import write_json
@@ -49,12 +49,6 @@ def resume_config(cfg: DictConfig, overrides: list[str] | None = None) -> DictCo
 # what a training run writes into its directory (besides Hydra's .hydra*/ and <job>.log)
 RUN_OUTPUTS = ("checkpoints", "tb", "splits", "metrics.json", "confusion.json", "class_weights.json", "MODEL_CARD.md",
                "export", "FAILED.json")
-
-
-def stored_overrides(run_dir: Path) -> list[str] | None:
-    """The overrides the run in ``run_dir`` was launched with (its ``.hydra/overrides.yaml``), or None."""
-    path = run_dir / ".hydra" / "overrides.yaml"
-    return [str(o) for o in OmegaConf.load(path)] if path.is_file() else None
 
 
 def _key(override: str) -> str:

@@ -11,6 +11,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from segvoc.config import stored_overrides
+
 SPLITS = ("val", "test")
 METRICS = ("miou", "pixel_acc", "mean_class_acc")
 
@@ -53,16 +55,11 @@ def _config_without_seed(run: Path) -> str:
     return json.dumps(cfg, sort_keys=True, default=str)
 
 
-def _overrides(run: Path) -> list[str]:
-    f = run / ".hydra" / "overrides.yaml"
-    return [str(o) for o in OmegaConf.load(f)] if f.is_file() else []
-
-
 def group_by_seed(runs: Sequence[Path], metrics: Sequence[dict[str, Any]]) -> list[SeedGroup]:
     """Group runs whose saved configs (``.hydra/config.yaml``) are equal once ``seed`` is removed. Each group is
     labelled by the command-line overrides (``.hydra/overrides.yaml``) its runs share and not every run shares,
     ``seed=`` excepted (``all runs`` when nothing sets the groups apart)."""
-    typed = {r: _overrides(r) for r in runs}
+    typed = {r: stored_overrides(r) or [] for r in runs}
     overrides = {r: [o for o in typed[r] if not o.startswith("seed=")] for r in runs}
     everywhere = set.intersection(*(set(o) for o in overrides.values())) if runs else set()
     groups: dict[str, SeedGroup] = {}

@@ -162,7 +162,7 @@ class VOCPairs(Dataset):
         """Read pairs from a one-time decoded, memory-mapped copy (``data.decode_cache``; ``segvoc.data.decoded``)."""
         from segvoc.data.decoded import DecodedPairs
 
-        self.decoded = None
+        self.decoded = None  # the cache is built through self.load, which must decode the files themselves
         files = [self.voc / "JPEGImages" / f"{i}.jpg" for i in self.ids] + self.mask_paths()
         self.decoded = DecodedPairs(self.load, files, len(self), cache_dir)
 
