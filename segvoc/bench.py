@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from segvoc import throughput as tp
 from segvoc.app import quiet_library_noise
 from segvoc.config import CONF_DIR, compose
+from segvoc.reporting import throughput as tp
 from segvoc.utils import write_json
 
 REPORT_MODELS = ["fcn_baseline", "fcn_dilated", "resnet34_transfer", "unet"]

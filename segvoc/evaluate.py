@@ -18,14 +18,14 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segvoc.app import run_app
-from segvoc.builders import build_datamodule, build_trainer, load_task
-from segvoc.checkpoint import read_checkpoint
 from segvoc.config import carry_overrides, command_line_overrides  # also registers resolvers
+from segvoc.deploy.exported import export_format, load_any_task, read_metadata
+from segvoc.engine.builders import build_datamodule, build_trainer
+from segvoc.engine.checkpoint import read_checkpoint
 from segvoc.errors import ConfigError
-from segvoc.exported import export_format, read_metadata
-from segvoc.inference import InferenceConfig
-from segvoc.runs import split_scores, write_scores
-from segvoc.tables import per_class_table
+from segvoc.evaluation.inference import InferenceConfig
+from segvoc.evaluation.tables import per_class_table
+from segvoc.runs.directory import split_scores, write_scores
 from segvoc.utils import atomic_write_text
 
 log = logging.getLogger("segvoc.evaluate")
@@ -37,7 +37,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"split={cfg.split!r}: use val or test")
     out = Path(cfg.paths.output_dir)
     inference = InferenceConfig(**OmegaConf.to_container(cfg.infer, resolve=True))
-    task, run_cfg = load_task(cfg.ckpt, inference)
+    task, run_cfg = load_any_task(cfg.ckpt, inference)
     exported = export_format(cfg.ckpt) is not None
     epoch = read_metadata(cfg.ckpt).get("epoch") if exported else read_checkpoint(cfg.ckpt).get("epoch")
     typed = command_line_overrides()

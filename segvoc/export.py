@@ -1,6 +1,6 @@
 """``python -m segvoc.export ckpt=<run dir or .ckpt> [format=onnx|torchscript] [output=<file>]``: ship a model.
 
-Writes one self-contained file (contract in ``segvoc.exporting``), checks it against PyTorch on random odd-sized
+Writes one self-contained file (contract in ``segvoc.deploy.exporting``), checks it against PyTorch on random odd-sized
 images, prints the measured difference, and copies the run's ``MODEL_CARD.md`` beside it with an export section.
 """
 
@@ -14,12 +14,12 @@ from omegaconf import DictConfig
 
 from segvoc import config as _config  # noqa: F401  (registers resolvers)
 from segvoc.app import run_app
-from segvoc.builders import load_task
-from segvoc.checkpoint import read_checkpoint
+from segvoc.deploy.exported import export_format
+from segvoc.deploy.exporting import FORMATS, ParityCheck, export, export_metadata
+from segvoc.engine.builders import load_task
+from segvoc.engine.checkpoint import read_checkpoint
 from segvoc.errors import ConfigError
-from segvoc.exported import export_format
-from segvoc.exporting import FORMATS, ParityCheck, export, export_metadata
-from segvoc.model_card import CARD_NAME
+from segvoc.runs.model_card import CARD_NAME
 from segvoc.utils import atomic_write_text
 
 log = logging.getLogger("segvoc.export")

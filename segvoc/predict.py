@@ -19,11 +19,11 @@ from rich.progress import track
 
 from segvoc import config as _config  # noqa: F401  (registers resolvers)
 from segvoc.app import run_app
-from segvoc.builders import load_task
 from segvoc.data.io import read_rgb, save_palette_mask
+from segvoc.deploy.exported import load_any_task
 from segvoc.errors import DatasetError
-from segvoc.inference import InferenceConfig, predict_mask
-from segvoc.visualize import overlay_with_legend
+from segvoc.evaluation.figures import overlay_with_legend
+from segvoc.evaluation.inference import InferenceConfig, predict_mask
 
 log = logging.getLogger("segvoc.predict")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -43,7 +43,7 @@ def predict(cfg: DictConfig) -> dict[str, list[str]]:
     inputs = list_inputs(Path(cfg.input).expanduser())
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    task, _ = load_task(cfg.ckpt, InferenceConfig(**OmegaConf.to_container(cfg.infer, resolve=True)))
+    task, _ = load_any_task(cfg.ckpt, InferenceConfig(**OmegaConf.to_container(cfg.infer, resolve=True)))
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     task.to(device)
     done, failed = [], []

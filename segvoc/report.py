@@ -25,7 +25,7 @@ from segvoc import config as _config  # noqa: F401  (registers resolvers)
 from segvoc.app import run_app
 from segvoc.data.palette import VOC_CLASSES
 from segvoc.errors import ConfigError
-from segvoc.seed_groups import METRICS, SPLITS, SeedGroup, group_by_seed, mean_std, summary_rows
+from segvoc.runs.seed_groups import METRICS, SPLITS, SeedGroup, group_by_seed, mean_std, summary_rows
 from segvoc.tables import fmt, markdown_table
 from segvoc.utils import atomic_write_text
 
@@ -136,7 +136,7 @@ def loss_curve_png(run: Run, path: Path) -> bool:
 
 def confusion_png(run: Run, split: str, path: Path) -> bool:
     """Row-normalised confusion heat map from the run's ``confusion.json``."""
-    from segvoc.visualize import confusion_figure
+    from segvoc.evaluation.figures import confusion_figure
 
     f = run.path / "confusion.json"
     if not f.is_file():
@@ -154,9 +154,9 @@ def predictions_png(run: Run, num_images: int, path: Path, device: str = "cpu") 
     import torch
     from PIL import Image
 
-    from segvoc.builders import build_datamodule, load_task
-    from segvoc.inference import predict_mask
-    from segvoc.visualize import prediction_grid
+    from segvoc.engine.builders import build_datamodule, load_task
+    from segvoc.evaluation.figures import prediction_grid
+    from segvoc.evaluation.inference import predict_mask
 
     ckpt = run.path / "checkpoints" / "best.ckpt"
     if not ckpt.is_file() or num_images <= 0:
@@ -221,7 +221,7 @@ def groups_markdown(groups: Sequence[SeedGroup]) -> str:
 
 
 def summary_csv(groups: Sequence[SeedGroup]) -> str:
-    """``summary.csv``: one row per group (see ``segvoc.seed_groups.summary_rows``)."""
+    """``summary.csv``: one row per group (see ``segvoc.runs.seed_groups.summary_rows``)."""
     rows = summary_rows(groups, VOC_CLASSES)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))

@@ -23,14 +23,22 @@ from omegaconf import DictConfig, open_dict
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from segvoc.app import quiet_library_noise, run_app
-from segvoc.builders import build_datamodule, build_task, build_trainer, class_weights_for
-from segvoc.checkpoint import checkpoint_config, load_state, read_checkpoint
 from segvoc.config import command_line_overrides  # also registers resolvers before Hydra composes
+from segvoc.engine.builders import build_datamodule, build_task, build_trainer, class_weights_for
+from segvoc.engine.checkpoint import checkpoint_config, load_state, read_checkpoint
+from segvoc.engine.interrupts import PreemptionCheckpoint, RequeueRequested
 from segvoc.errors import ConfigError, InterruptedRun
-from segvoc.interrupts import PreemptionCheckpoint, RequeueRequested
-from segvoc.model_card import FitSummary, device_name, write_model_card
-from segvoc.runs import auto_resume, clear_run, ensure_writable, holds_run, resume_config, split_scores, write_scores
-from segvoc.sweep import record_failure
+from segvoc.runs.directory import (
+    auto_resume,
+    clear_run,
+    ensure_writable,
+    holds_run,
+    resume_config,
+    split_scores,
+    write_scores,
+)
+from segvoc.runs.model_card import FitSummary, device_name, write_model_card
+from segvoc.runs.sweep import record_failure
 from segvoc.utils import write_json
 
 log = logging.getLogger("segvoc.train")

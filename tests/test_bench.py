@@ -38,7 +38,7 @@ def test_bench_writes_every_key(tmp_path):
 def test_flop_count_of_a_frozen_encoder_step_leaves_out_its_backward():
     """resnet34_transfer's encoder is frozen: its training step costs far less than 3x its forward."""
     from segvoc.config import compose
-    from segvoc.throughput import train_gflop_per_image
+    from segvoc.reporting.throughput import train_gflop_per_image
 
     frozen = compose(["model=resnet34_transfer", "model.weights=none", "paths.output_dir=/tmp"])
     trained = compose(["model=resnet34_transfer", "model.weights=none", "model.freeze_encoder=false",
@@ -52,12 +52,12 @@ def test_interleaved_probe_times_task_and_plain_steps_separately(tmp_path):
     import time
 
     from segvoc.config import compose
-    from segvoc.throughput import overhead
+    from segvoc.reporting.throughput import overhead
 
     cfg = compose(["model=fcn_baseline", "model.encoder_channels=[4,4,4,4,4]", "model.decoder_channels=[4,4,4,4,4]",
                    f"paths.output_dir={tmp_path}", "trainer.enable_progress_bar=false", "logger=none",
                    "trainer.max_epochs=1", "trainer.enable_model_summary=false", "trainer.num_sanity_val_steps=0"])
-    import segvoc.throughput as tp
+    import segvoc.reporting.throughput as tp
 
     original = tp.PlainStep.__call__
 

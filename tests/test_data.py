@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segvoc.builders import build_datamodule
 from segvoc.config import compose
 from segvoc.data.io import load_image, load_mask
 from segvoc.data.palette import VOC_COLORMAP, colorize, rgb_to_index
 from segvoc.data.transforms import build_pipeline, pad_collate
 from segvoc.data.voc import VOCPairs, make_splits, resolve_voc_root
+from segvoc.engine.builders import build_datamodule
 from segvoc.errors import DatasetError
 
 EXPECTED = {"2007_000032": {0, 1, 15, 255}, "2007_000039": {0, 20, 255}, "2007_000033": {0, 1, 255},
@@ -212,7 +212,7 @@ def test_path_objects(voc_mini):
 def test_auto_loader_settings(monkeypatch):
     import os
 
-    from segvoc.builders import resolve_loader_settings
+    from segvoc.engine.builders import resolve_loader_settings
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     assert resolve_loader_settings("auto", False) == (8, False)
@@ -234,7 +234,7 @@ import cv2, numpy as np
 cv2.setNumThreads(4)
 for _ in range(3):
     cv2.resize(np.zeros((2000, 2000, 3), np.uint8), (1000, 1000))  # starts OpenCV's pool in this process
-from segvoc.builders import build_datamodule
+from segvoc.engine.builders import build_datamodule
 from segvoc.config import compose
 cfg = compose(["paths.output_dir=/tmp/x", "data=synthetic", "data.synthetic=null", "data.root={synthetic_root}",
                "augment=report", "data.num_workers=2", "data.image_size=48"])
@@ -267,8 +267,8 @@ def test_eval_batch_size_does_not_change_the_confusion_matrix(tmp_path):
     import pytorch_lightning as pl
     import torch
 
-    from segvoc.builders import build_task
     from segvoc.data.synthetic import generate
+    from segvoc.engine.builders import build_task
 
     root = tmp_path / "mixed"
     generate(root, num_train=4, num_val=14, classes=(1, 7, 8, 12, 15), sizes=[[61, 77], [77, 61], [45, 90]])

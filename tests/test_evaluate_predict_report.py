@@ -13,7 +13,7 @@ from PIL import Image
 from segvoc.config import compose
 from segvoc.data.palette import palette_bytes
 from segvoc.evaluate import evaluate
-from segvoc.inference import InferenceConfig, infer
+from segvoc.evaluation.inference import InferenceConfig, infer
 from segvoc.predict import predict
 from segvoc.report import build_report
 from segvoc.train import train
@@ -58,7 +58,7 @@ def test_evaluate_val_split_and_flip_tta_run(trained_run, tmp_path):
 def _flip_miou_by_hand(run: Path) -> float:
     """Test mIoU of the run's best model with the flip average computed here: softmax of the image's logits and of
     the mirrored image's mirrored logits, averaged; confusion matrix in numpy."""
-    from segvoc.builders import load_task
+    from segvoc.engine.builders import load_task
 
     task, cfg = load_task(run / "checkpoints" / "best.ckpt", InferenceConfig.defaults(tta="flip"))
     voc = Path(cfg.data.root) / "VOCdevkit" / "VOC2012"
@@ -152,7 +152,7 @@ def test_slide_inference_matches_whole_for_pointwise_model():
     (700, 700, 256, None), (700, 700, 256, 256), (70, 90, 32, 1), (37, 101, 16, 11), (101, 37, 50, 49),
     (40, 60, 100, None), (40, 600, 64, 64), (513, 17, 512, 400)])
 def test_slide_windows_cover_every_pixel(h, w, window, stride):
-    from segvoc.inference import slide_logits
+    from segvoc.evaluation.inference import slide_logits
 
     seen = torch.zeros(h, w)
 

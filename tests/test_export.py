@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from segvoc.builders import build_task, load_task
 from segvoc.config import CONF_DIR, compose
+from segvoc.deploy.exported import load_any_task, load_runner
+from segvoc.deploy.exporting import export, export_metadata
+from segvoc.engine.builders import build_task
 from segvoc.errors import ConfigError
 from segvoc.evaluate import evaluate
 from segvoc.export import export_model
-from segvoc.exported import load_runner
-from segvoc.exporting import export, export_metadata
 from segvoc.predict import predict
 from segvoc.tables import fmt
 from segvoc.train import train
@@ -110,7 +110,7 @@ def test_evaluate_and_predict_accept_exported_models(trained_run, tmp_path, fmt_
 def test_exported_file_refuses_what_it_cannot_do(trained_run, tmp_path):
     mask_file = _export(trained_run, "onnx", tmp_path / "mask.onnx", "returns=mask")
     with pytest.raises(ConfigError, match="returns=logits"):
-        load_task(mask_file)
+        load_any_task(mask_file)
     logits_file = _export(trained_run, "onnx", tmp_path / "logits.onnx")
     with pytest.raises(ConfigError, match="tta=ms_flip"):
         _evaluate(logits_file, tmp_path / "e", "tta=ms_flip")
@@ -194,8 +194,8 @@ def test_model_card_numbers_equal_metrics_json(trained_run, tmp_path):
 def test_model_card_command_comes_from_hydra_overrides(trained_run, tmp_path):
     import shutil
 
-    from segvoc.checkpoint import checkpoint_config, read_checkpoint
-    from segvoc.model_card import model_card
+    from segvoc.engine.checkpoint import checkpoint_config, read_checkpoint
+    from segvoc.runs.model_card import model_card
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("checkpoints", "tb"))
@@ -216,7 +216,7 @@ def test_export_copies_model_card_with_export_section(trained_run, tmp_path):
 
 
 def test_model_card_caveat_for_untrained_encoder():
-    from segvoc.model_card import caveats
+    from segvoc.runs.model_card import caveats
 
     assert any("weights=none" in c for c in caveats(compose(["model=resnet34_transfer", "model.weights=none"])))
     assert not caveats(compose(["model=resnet34_transfer", "model.weights=imagenet"]))

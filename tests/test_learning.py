@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from segvoc.data.voc import VOCPairs
-from segvoc.losses import CrossEntropy
-from segvoc.metrics import confusion_counts, scores_from_confusion
+from segvoc.engine.task import SegmentationTask
+from segvoc.evaluation.metrics import confusion_counts, scores_from_confusion
+from segvoc.losses.segmentation import CrossEntropy
 from segvoc.models import FCNBaseline
-from segvoc.task import SegmentationTask
 
 
 @pytest.mark.slow

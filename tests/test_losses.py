@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from segvoc.losses import LOSSES, CrossEntropy, Dice, Focal, Lovasz, OHEMCrossEntropy, WeightedSum
+from segvoc.losses.segmentation import LOSSES, CrossEntropy, Dice, Focal, Lovasz, OHEMCrossEntropy, WeightedSum
 
 C = 4  # class 3 never appears in the targets below
 

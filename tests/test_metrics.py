@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from segvoc.data.statistics import class_statistics
-from segvoc.metrics import ConfusionMatrix, confusion_counts, scores_from_confusion
-from segvoc.weighting import class_weights
+from segvoc.evaluation.metrics import ConfusionMatrix, confusion_counts, scores_from_confusion
+from segvoc.losses.weighting import class_weights
 
 
 def test_confusion_counts_by_hand():

@@ -156,7 +156,7 @@ def test_imagenet_weights_offline_error(tmp_path, monkeypatch):
 
 
 def test_cached_features_train_the_decoder_without_re_encoding():
-    from segvoc.feature_cache import FeatureCache
+    from segvoc.engine.feature_cache import FeatureCache
 
     torch.manual_seed(0)
     model = ResNet34Transfer(weights="none").train()
@@ -175,8 +175,8 @@ def test_cached_features_train_the_decoder_without_re_encoding():
 
 
 def test_cached_features_need_a_frozen_encoder():
+    from segvoc.engine.feature_cache import FeatureCache
     from segvoc.errors import ConfigError
-    from segvoc.feature_cache import FeatureCache
 
     with pytest.raises(ConfigError, match="needs a frozen encoder"):
         FeatureCache(ResNet34Transfer(weights="none", freeze_encoder=False))
@@ -202,7 +202,7 @@ def test_cached_features_smoke_run(smoke_cfg, tmp_path):
 
 def test_reference_models_train_the_aux_head_at_ten_times_the_lr(smoke_cfg):
     """torchvision's reference recipe: the auxiliary FCN head gets 10x the learning rate of the rest."""
-    from segvoc.builders import build_task
+    from segvoc.engine.builders import build_task
 
     cfg = smoke_cfg("experiment=ref_fcn_resnet50", "model.weights=none", "scheduler=none")
     task = build_task(cfg)

@@ -121,8 +121,8 @@ def test_interrupt_then_resume_is_exact(tmp_path, synthetic_root, reference_runs
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(smoke_cfg, tmp_path, monkeypatch):
+    from segvoc.engine.task import SegmentationTask
     from segvoc.errors import NonFiniteLossError
-    from segvoc.task import SegmentationTask
     from segvoc.train import train
 
     step = SegmentationTask.training_step
@@ -183,7 +183,7 @@ def test_checkpoint_from_another_model_is_a_clear_error(smoke_cfg, tmp_path):
 
 
 def test_checkpoints_load_weights_only(tmp_path):
-    from segvoc.checkpoint import read_checkpoint
+    from segvoc.engine.checkpoint import read_checkpoint
     from segvoc.errors import WeightsError
 
     class Evil:
@@ -277,7 +277,7 @@ def test_resume_auto_starts_skips_resumes_and_refuses_another_runs_dir(smoke_cfg
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "overrides.yaml").write_text("- loss=dice\n")
     with pytest.raises(ConfigError, match="other overrides"):  # launched differently: never resumed or skipped
-        from segvoc.runs import auto_resume
+        from segvoc.runs.directory import auto_resume
 
         auto_resume(smoke_cfg("resume=auto"), ["loss=ce"])
     stamp = (tmp_path / "metrics.json").stat().st_mtime_ns

@@ -1,33 +1,134 @@
-"""The shape of the package: entry points are thin and nothing imports them."""
+"""The shape of the package: entry points on top, one folder per concern, imports that only go down, no circles."""
 
 from __future__ import annotations
 
 import ast
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from segvoc.config import REPO_ROOT
 
 ENTRY_POINTS = {"segvoc.train", "segvoc.evaluate", "segvoc.predict", "segvoc.export", "segvoc.report", "segvoc.bench",
                 "segvoc.demo", "segvoc.data.check", "segvoc.data.prepare"}
+BASE = {"segvoc", "segvoc.config", "segvoc.app", "segvoc.errors", "segvoc.utils", "segvoc.tables"}
+# what each folder may import besides itself (README, "Module map"); the base modules import only each other
+MAY_IMPORT = {
+    "data": {"base"},
+    "models": {"segvoc.errors", "segvoc.utils"},
+    "losses": {"data", "base"},
+    "evaluation": {"data", "base"},
+    "engine": {"models", "losses", "evaluation", "data", "base"},
+    "runs": {"engine", "models", "losses", "evaluation", "data", "base"},
+    "deploy": {"engine", "models", "losses", "evaluation", "data", "base"},
+    "reporting": {"runs", "engine", "models", "losses", "evaluation", "data", "base"},
+    "base": {"base"},
+}
 
 
-def _imports(path) -> set[str]:
-    tree = ast.parse(path.read_text())
+def _module_name(path: Path) -> str:
+    return ".".join(path.relative_to(REPO_ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in sorted((REPO_ROOT / "segvoc").rglob("*.py"))}
+
+
+def _imports(path: Path) -> set[str]:
+    """Every segvoc module ``path`` imports, at the top or inside a function."""
+    known = set(_modules())
     found = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
+            names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module:
-            found.add(node.module)
-            found |= {f"{node.module}.{a.name}" for a in node.names}
+            names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        else:
+            continue
+        found |= {n for n in names if n in known}
     return found
+
+
+def _room(module: str) -> str:
+    """The folder a module lives in (``base`` for the top-level helpers, ``entry`` for entry points)."""
+    if module in ENTRY_POINTS:
+        return "entry"
+    if module in BASE:
+        return "base"
+    parts = module.split(".")
+    assert len(parts) >= 2 and parts[1] in MAY_IMPORT, f"{module}: not in a folder the module map names"
+    return parts[1]
+
+
+def _allowed(importer: str, imported: str) -> bool:
+    room, target = _room(importer), _room(imported)
+    if room == "entry":
+        return target != "entry"
+    if target == "entry":
+        return False
+    allowed = MAY_IMPORT[room] | {room}
+    return target in allowed or imported in allowed
+
+
+def test_every_module_has_a_room_and_imports_only_go_down():
+    offenders = [f"{m} imports {i}" for m, p in _modules().items() for i in sorted(_imports(p))
+                 if i != m and not _allowed(m, i)]
+    assert not offenders, offenders
+
+
+def test_the_rule_catches_an_upward_import(tmp_path):
+    assert not _allowed("segvoc.data.voc", "segvoc.engine.task")
+    assert not _allowed("segvoc.engine.task", "segvoc.runs.directory")
+    assert not _allowed("segvoc.reporting.throughput", "segvoc.deploy.exported")
+    assert not _allowed("segvoc.runs.sweep", "segvoc.train")
+    assert _allowed("segvoc.deploy.exported", "segvoc.engine.builders")
+
+
+def test_no_import_circles():
+    graph = {m: {i for i in _imports(p) if i != m} for m, p in _modules().items()}
+    # a package's __init__ is imported on the way to its modules; only explicit edges count
+    state: dict[str, int] = {}
+    circles: list[list[str]] = []
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                circles.append([*trail[trail.index(nxt):], nxt] if nxt in trail else [node, nxt])
+            elif nxt not in state:
+                visit(nxt, [*trail, nxt])
+        state[node] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not circles, circles
+
+
+def test_every_folder_says_what_lives_there():
+    for init in sorted((REPO_ROOT / "segvoc").glob("*/__init__.py")):
+        doc = ast.get_docstring(ast.parse(init.read_text()))
+        assert doc and len(doc.splitlines()) <= 3, f"{init}: needs a docstring of one or two lines"
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "conf").rglob("*.yaml")), ids=lambda p: str(p.name))
+def test_every_conf_target_points_at_a_real_object(path):
+    from hydra.utils import get_object
+
+    from segvoc.engine.checkpoint import MOVED_MODULES
+
+    targets = [line.split(":", 1)[1].split("#")[0].strip() for line in path.read_text().splitlines()
+               if line.strip().startswith("_target_:")]
+    for target in targets:
+        assert target.rpartition(".")[0] not in MOVED_MODULES, f"{path}: {target} names a module that moved"
+        get_object(target)
 
 
 def test_no_module_imports_an_entry_point():
     offenders = []
-    for path in sorted((REPO_ROOT / "segvoc").rglob("*.py")):
-        module = ".".join(path.relative_to(REPO_ROOT).with_suffix("").parts).removesuffix(".__init__")
+    for module, path in _modules().items():
         bad = sorted(_imports(path) & (ENTRY_POINTS - {module}))
         if bad:
             offenders.append(f"{module} imports {', '.join(bad)}")
@@ -41,7 +142,8 @@ import logging, warnings, cv2, matplotlib
 import albumentations, hydra, matplotlib.figure, pytorch_lightning, rich.progress, torch, torchmetrics, torchvision
 import hydra.core.override_parser.overrides_parser, pytorch_lightning.loggers, torch.utils.tensorboard
 filters, threads, backend = list(warnings.filters), cv2.getNumThreads(), matplotlib.get_backend()
-import segvoc.builders, segvoc.data.io, segvoc.visualize, segvoc.task, segvoc.train, segvoc.report
+import segvoc.engine.builders, segvoc.data.io, segvoc.evaluation.figures, segvoc.engine.task
+import segvoc.train, segvoc.report
 assert list(warnings.filters) == filters, 'warning filters changed'
 assert cv2.getNumThreads() == threads, 'cv2 threads changed'
 assert matplotlib.get_backend() == backend, 'matplotlib backend changed'

@@ -76,7 +76,7 @@ def test_seeded_runs_are_reproducible(smoke_cfg, tmp_path):
 
 
 def test_weighted_loss_uses_cached_inverse_frequency_weights(smoke_cfg, tmp_path):
-    from segvoc.builders import build_datamodule, class_weights_for
+    from segvoc.engine.builders import build_datamodule, class_weights_for
 
     cfg = smoke_cfg("loss=weighted_ce", "loss.background_scale=80")
     dm = build_datamodule(cfg)
@@ -123,7 +123,7 @@ def test_reference_presets_train_with_aux_loss(preset, smoke_cfg, tmp_path):
     cfg = smoke_cfg(f"experiment={preset}", "model.weights=none", "trainer.max_epochs=1", "data.subset=2",
                     "data.batch_size=2", "scheduler.scheduler.total_iters=null")
     assert cfg.choices.scheduler == "poly" and cfg.model.aux_loss
-    from segvoc.losses import CrossEntropy
+    from segvoc.losses.segmentation import CrossEntropy
 
     aux_terms = []
     forward = CrossEntropy.forward
@@ -141,7 +141,7 @@ def test_reference_presets_train_with_aux_loss(preset, smoke_cfg, tmp_path):
 
 
 def test_aux_output_adds_weighted_aux_loss():
-    from segvoc.losses import CrossEntropy
+    from segvoc.losses.segmentation import CrossEntropy
 
     ce = CrossEntropy(3, aux_weight=0.5)
     target = torch.tensor([[[0, 1], [2, 255]]])
@@ -154,7 +154,7 @@ def test_weighted_loss_is_applied_during_fit(smoke_cfg, monkeypatch):
     directory records them in class_weights.json."""
     import torch.nn.functional as F
 
-    from segvoc.builders import build_datamodule, class_weights_for
+    from segvoc.engine.builders import build_datamodule, class_weights_for
 
     cfg = smoke_cfg("loss.class_weights=median_frequency", "loss.background_scale=80", "trainer.max_epochs=1")
     dm = build_datamodule(cfg)
@@ -195,7 +195,7 @@ def test_train_aug_split_reads_segmentation_class_aug(tmp_path, synthetic_root):
     """``data.train_split=train_aug`` trains on ``train_aug.txt`` with masks from ``SegmentationClassAug``."""
     import shutil
 
-    from segvoc.builders import build_datamodule
+    from segvoc.engine.builders import build_datamodule
     from tests.conftest import make_cfg
 
     root = tmp_path / "data"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn, track
 
+from segvoc.data.sbd import build_marker, build_train_aug
 from segvoc.errors import DatasetError
 
 log = logging.getLogger("segvoc.data")
@@ -92,8 +93,6 @@ def prepare_tree(root: str | Path, urls: Mapping[str, str], md5: Mapping[str, st
                  train_split: str = "train") -> Path:
     """Make ``root`` hold VOC 2012 (and, for ``train_split=train_aug``, ``SegmentationClassAug`` built from SBD):
     download, verify, extract and convert whatever is missing. Returns the ``VOC2012`` folder."""
-    from segvoc.data.sbd import build_train_aug
-
     root = Path(root).expanduser()
     voc = root / "VOCdevkit" / "VOC2012"
     _fetch(urls["voc"], md5.get("voc"), root, present=voc / "JPEGImages")
@@ -113,8 +112,3 @@ def _fetch(url: str, md5: str | None, root: Path, present: Path) -> None:
         return
     download(url, archive, md5)
     extract(archive, root)
-
-
-def build_marker(voc: Path) -> Path:
-    """The file that says ``SegmentationClassAug`` and ``train_aug.txt`` are complete."""
-    return voc / "SegmentationClassAug" / ".complete"

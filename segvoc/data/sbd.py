@@ -34,12 +34,15 @@ def sbd_mask(path: Path) -> np.ndarray:
     return np.ascontiguousarray(mask, dtype=np.uint8)
 
 
+def build_marker(voc: Path) -> Path:
+    """The file that says ``SegmentationClassAug`` and ``train_aug.txt`` are complete."""
+    return voc / "SegmentationClassAug" / ".complete"
+
+
 def build_train_aug(voc: Path, sbd: Path) -> int:
     """Write one palette PNG per ``train_aug`` id (VOC's own mask where VOC has one: it carries the 255 borders;
     else SBD's), each atomically, skipping those already written; then ``train_aug.txt`` and the completion marker.
     Returns the number of ids."""
-    from segvoc.data.fetch import build_marker
-
     out = voc / "SegmentationClassAug"
     out.mkdir(parents=True, exist_ok=True)
     ids = train_aug_ids(voc, sbd)

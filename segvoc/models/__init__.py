@@ -1,4 +1,4 @@
-"""Segmentation networks, each a plain ``nn.Module`` (built from config by ``segvoc.builders.build_model``)."""
+"""Segmentation networks, each a plain ``nn.Module`` (built from config by ``segvoc.engine.builders.build_model``)."""
 
 from __future__ import annotations
 

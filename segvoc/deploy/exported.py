@@ -1,4 +1,4 @@
-"""Run exported files (``segvoc.exporting``) as a task: ``segvoc.evaluate`` and ``segvoc.predict`` accept
+"""Run exported files (``segvoc.deploy.exporting``) as a task: ``segvoc.evaluate`` and ``segvoc.predict`` accept
 ``ckpt=<model.onnx>`` or ``ckpt=<model.pt>`` (TorchScript) and score them with the same metric code."""
 
 from __future__ import annotations
@@ -12,17 +12,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from segvoc.deploy.formats import METADATA_KEY, export_format, torchscript_quiet
+from segvoc.engine.builders import build_loss, load_task
+from segvoc.engine.checkpoint import upgrade_targets
+from segvoc.engine.task import SegmentationTask
 from segvoc.errors import ConfigError, WeightsError
-from segvoc.exporting import FORMATS, METADATA_KEY, torchscript_quiet
-from segvoc.inference import InferenceConfig
+from segvoc.evaluation.inference import InferenceConfig
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
-
-
-def export_format(path: str | Path) -> str | None:
-    """``onnx`` / ``torchscript`` for an exported file (by suffix), None for anything else (checkpoints)."""
-    suffix = Path(str(path)).suffix.lower()
-    return next((fmt for fmt, ext in FORMATS.items() if ext == suffix), None)
 
 
 def _missing(path: Path) -> WeightsError:
@@ -99,15 +96,13 @@ class ExportedNet(nn.Module):
 def exported_config(path: str | Path) -> tuple[DictConfig, dict[str, Any]]:
     """The run config stored in an exported file, and the rest of its metadata."""
     meta = read_metadata(path)
-    return OmegaConf.create(meta["config"]), meta
+    return OmegaConf.create(upgrade_targets(meta["config"])), meta
 
 
-def load_exported_task(path: str | Path, inference: InferenceConfig | None = None) -> tuple[Any, DictConfig]:
+def load_exported_task(path: str | Path,
+                       inference: InferenceConfig | None = None) -> tuple[SegmentationTask, DictConfig]:
     """A ``SegmentationTask`` whose model is the exported file: same loss, metrics and inference modes as the
     checkpoint (whole, slide, flip), so ``segvoc.evaluate`` scores it exactly like the checkpoint."""
-    from segvoc.builders import build_loss
-    from segvoc.task import SegmentationTask
-
     cfg, meta = exported_config(path)
     if meta.get("returns") != "logits":
         raise ConfigError(f"{path}: exported with returns={meta.get('returns')}; evaluate/predict need the logits: "
@@ -128,3 +123,12 @@ def load_exported_task(path: str | Path, inference: InferenceConfig | None = Non
     task.normalize = nn.Identity()  # the exported graph normalises uint8 images itself
     task.eval()
     return task, cfg
+
+
+def load_any_task(path: str | Path,
+                  inference: InferenceConfig | None = None) -> tuple[SegmentationTask, DictConfig]:
+    """The task of a checkpoint (``segvoc.engine.builders.load_task``) or of an exported file (``.onnx``,
+    TorchScript ``.pt``), in eval mode: what ``segvoc.evaluate`` and ``segvoc.predict`` accept as ``ckpt=``."""
+    if export_format(path) is not None:
+        return load_exported_task(path, inference)
+    return load_task(path, inference)

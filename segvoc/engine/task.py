@@ -17,10 +17,10 @@ from torchmetrics import MeanMetric
 from segvoc.data.palette import VOC_CLASSES
 from segvoc.data.sampling import mix_seed
 from segvoc.data.transforms import Normalize
+from segvoc.engine.feature_cache import FeatureCache
 from segvoc.errors import NonFiniteLossError
-from segvoc.feature_cache import FeatureCache
-from segvoc.inference import InferenceConfig, infer
-from segvoc.metrics import ConfusionMatrix, scores_from_confusion
+from segvoc.evaluation.inference import InferenceConfig, infer
+from segvoc.evaluation.metrics import ConfusionMatrix, scores_from_confusion
 
 EVAL_SPLITS = ("val", "test")
 
@@ -29,8 +29,8 @@ class SegmentationTask(pl.LightningModule):
     """Wraps any segmentation ``nn.Module``: loss, optimiser/scheduler from config, dataset-level metrics.
 
     Batches hold uint8 images; normalisation runs on the device. After each val/test epoch the scores of
-    the whole split are in ``self.scores[split]`` (see ``segvoc.metrics.scores_from_confusion``).
-    Built from a run config by ``segvoc.builders.build_task``.
+    the whole split are in ``self.scores[split]`` (see ``segvoc.evaluation.metrics.scores_from_confusion``).
+    Built from a run config by ``segvoc.engine.builders.build_task``.
     """
 
     def __init__(
@@ -78,7 +78,7 @@ class SegmentationTask(pl.LightningModule):
         return out["out"] if isinstance(out, dict) else out
 
     def predict_log_probs(self, images: torch.Tensor) -> torch.Tensor:
-        """Class log-probabilities (N,C,H,W) for uint8 images under ``self.infer_cfg`` (``segvoc.inference.infer``):
+        """Class log-probabilities (N,C,H,W) for uint8 images under ``self.infer_cfg`` (``evaluation.inference.infer``):
         whatever the TTA, the loss takes them as logits and their argmax is the prediction."""
         return infer(self._logits, self.normalize(images), self.infer_cfg)
 
@@ -162,7 +162,7 @@ class SegmentationTask(pl.LightningModule):
         tb = next((lg for lg in self.loggers if isinstance(lg, TensorBoardLogger)), None)
         if tb is None or self.global_rank != 0:
             return
-        from segvoc.visualize import confusion_figure, prediction_grid
+        from segvoc.evaluation.figures import confusion_figure, prediction_grid
 
         if self._samples:
             rows = [(img.permute(1, 2, 0).cpu().numpy(), m.cpu().numpy(), p.cpu().numpy().astype(np.uint8))

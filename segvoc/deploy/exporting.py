@@ -1,4 +1,4 @@
-"""Write a trained task as a self-contained ONNX or TorchScript file (read back by ``segvoc.exported``).
+"""Write a trained task as a self-contained ONNX or TorchScript file (read back by ``segvoc.deploy.exported``).
 
 The exported graph's contract, for every model segvoc trains:
 
@@ -12,11 +12,8 @@ The file carries the run config, class names and class weights as metadata (ONNX
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,14 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segvoc.deploy.exported import load_runner
+from segvoc.deploy.formats import FORMATS, METADATA_KEY, torchscript_quiet
 from segvoc.errors import ConfigError, ExportError
 
 if TYPE_CHECKING:
-    from segvoc.task import SegmentationTask
+    from segvoc.engine.task import SegmentationTask
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 RETURNS = ("logits", "mask")
-METADATA_KEY = "segvoc"          # ONNX metadata_props key / TorchScript extra file name (JSON)
 
 
 class DeployModel(nn.Module):
@@ -131,15 +128,6 @@ def _example() -> torch.Tensor:
     return torch.randint(0, 256, (2, 3, 97, 131), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
 
 
-@contextlib.contextmanager
-def torchscript_quiet() -> Iterator[None]:
-    """Silence torch 2.14's deprecation notices for ``torch.jit`` (and only those): TorchScript files are still
-    what C++ (libtorch) deployments load, and this format is opt-in (``format=torchscript``)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
-        yield
-
-
 def export_onnx(module: DeployModel, path: Path, metadata: dict[str, Any], opset: int) -> None:
     """ONNX via ``torch.onnx.export(dynamo=True)`` with dynamic N, H, W; metadata in ``metadata_props``."""
     import onnx
@@ -191,8 +179,6 @@ def export_torchscript(module: DeployModel, path: Path, metadata: dict[str, Any]
 def export(task: SegmentationTask, path: Path, fmt: str, metadata: dict[str, Any], returns: str = "logits",
            opset: int = 18) -> ParityCheck:
     """Write ``task`` to ``path`` in ``fmt`` (onnx | torchscript), then check the file against PyTorch."""
-    from segvoc.exported import load_runner
-
     if fmt not in FORMATS:
         raise ConfigError(f"format={fmt!r}: use onnx or torchscript")
     module = deploy_model(task, returns)
@@ -213,7 +199,7 @@ def export(task: SegmentationTask, path: Path, fmt: str, metadata: dict[str, Any
 
 
 def export_metadata(task: SegmentationTask, source: Path, epoch: int | None) -> dict[str, Any]:
-    """What ``segvoc.exported`` needs to evaluate the file like its checkpoint, plus provenance."""
+    """What ``segvoc.deploy.exported`` needs to evaluate the file like its checkpoint, plus provenance."""
     from segvoc import __version__
 
     weights = getattr(task.criterion, "class_weight", None)

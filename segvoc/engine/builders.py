@@ -16,17 +16,17 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
 from torch import nn
 
-from segvoc.checkpoint import AtomicCheckpointIO, checkpoint_config, load_state, read_checkpoint
 from segvoc.data.datamodule import VOCDataModule
 from segvoc.data.palette import VOC_CLASSES
 from segvoc.data.statistics import cached_class_statistics
-from segvoc.feature_cache import FeatureCache
-from segvoc.inference import InferenceConfig
-from segvoc.interrupts import PreemptionCheckpoint
-from segvoc.losses import SegmentationLoss
-from segvoc.perf import prepare_model
-from segvoc.task import SegmentationTask
-from segvoc.weighting import class_weights
+from segvoc.engine.checkpoint import AtomicCheckpointIO, checkpoint_config, load_state, read_checkpoint
+from segvoc.engine.feature_cache import FeatureCache
+from segvoc.engine.interrupts import PreemptionCheckpoint
+from segvoc.engine.perf import prepare_model
+from segvoc.engine.task import SegmentationTask
+from segvoc.evaluation.inference import InferenceConfig
+from segvoc.losses.segmentation import SegmentationLoss
+from segvoc.losses.weighting import class_weights
 
 log = logging.getLogger("segvoc")
 
@@ -115,7 +115,7 @@ def build_loss(cfg: DictConfig, weights: Sequence[float] | None = None) -> Segme
     weighted = not (str(loss_cfg.get("class_weights") or "none") == "none"
                     and float(loss_cfg.get("background_scale", 1.0)) == 1.0)
     params = {k: v for k, v in loss_cfg.items() if k not in _NOT_LOSS_KEYS}
-    params.setdefault("_target_", "segvoc.losses.CrossEntropy")  # checkpoints of segvoc 0.1
+    params.setdefault("_target_", "segvoc.losses.segmentation.CrossEntropy")  # checkpoints of segvoc 0.1
     return instantiate(params, num_classes=int(cfg.data.num_classes), weight=weights, weighted=weighted,
                        _convert_="all")
 
@@ -145,11 +145,7 @@ def build_task(cfg: DictConfig, class_weights: ClassWeights | None = None,
 
 def load_task(path: str | Path, inference: InferenceConfig | None = None) -> tuple[SegmentationTask, DictConfig]:
     """Rebuild the task of a checkpoint, in eval mode (no pretrained download: the checkpoint holds every weight).
-    An exported file (``.onnx``, TorchScript ``.pt``) gives a task that runs that file (``segvoc.exported``)."""
-    from segvoc.exported import export_format, load_exported_task
-
-    if export_format(path) is not None:
-        return load_exported_task(path, inference)
+    For a checkpoint or an exported file alike, see ``segvoc.deploy.exported.load_any_task``."""
     ckpt = read_checkpoint(path)
     cfg = checkpoint_config(ckpt)
     task = build_task(cfg, pretrained=False)

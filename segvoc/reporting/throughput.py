@@ -19,10 +19,10 @@ from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from segvoc.builders import build_datamodule, build_loss, build_model, build_task, build_trainer
 from segvoc.data.palette import VOC_CLASSES
 from segvoc.data.transforms import Normalize
-from segvoc.perf import prepare_model
+from segvoc.engine.builders import build_datamodule, build_loss, build_model, build_task, build_trainer
+from segvoc.engine.perf import prepare_model
 
 
 def sync(device: torch.device) -> None:

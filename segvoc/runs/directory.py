@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from segvoc.checkpoint import checkpoint_config, read_checkpoint
 from segvoc.config import carry_overrides, stored_overrides
+from segvoc.engine.checkpoint import checkpoint_config, read_checkpoint
+from segvoc.engine.task import SegmentationTask
 from segvoc.errors import ConfigError
-from segvoc.task import SegmentationTask
 from segvoc.utils import write_json
 
 METRIC_KEYS = ("loss", "miou", "pixel_acc", "mean_class_acc", "per_class_iou")
@@ -36,7 +36,11 @@ def resume_config(cfg: DictConfig, overrides: list[str] | None = None) -> DictCo
     last = run_dir / "checkpoints" / "last.ckpt"
     if not last.is_file():
         raise ConfigError(f"resume={run_dir}: no checkpoints/last.ckpt there; pass the run directory of a segvoc run")
-    run_cfg = carry_overrides(checkpoint_config(read_checkpoint(last)), cfg, RESUME_MAY_CHANGE,
+    stored = checkpoint_config(read_checkpoint(last))
+    moved_from = str(stored.paths.output_dir)
+    if moved_from != str(run_dir):  # the run directory was moved or copied: its paths follow it
+        stored = OmegaConf.create(_rebase(OmegaConf.to_container(stored), moved_from, str(run_dir)))
+    run_cfg = carry_overrides(stored, cfg, RESUME_MAY_CHANGE,
                               "a resumed run keeps what it was trained with; start a new run (without resume=)",
                               overrides)
     with open_dict(run_cfg):
@@ -44,6 +48,17 @@ def resume_config(cfg: DictConfig, overrides: list[str] | None = None) -> DictCo
         run_cfg.ckpt_path = str(last)
         run_cfg.resume = None
     return run_cfg
+
+
+def _rebase(node: Any, old: str, new: str) -> Any:
+    """``node`` with every path inside ``old`` (a run directory) moved under ``new``."""
+    if isinstance(node, dict):
+        return {k: _rebase(v, old, new) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_rebase(v, old, new) for v in node]
+    if isinstance(node, str) and (node == old or node.startswith(old + "/")):
+        return new + node[len(old):]
+    return node
 
 
 # what a training run writes into its directory (besides Hydra's .hydra*/ and <job>.log)

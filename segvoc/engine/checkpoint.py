@@ -14,7 +14,7 @@ from segvoc.errors import WeightsError
 from segvoc.utils import atomic_write
 
 if TYPE_CHECKING:
-    from segvoc.task import SegmentationTask
+    from segvoc.engine.task import SegmentationTask
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -42,9 +42,49 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+# Modules moved by segvoc 0.4's layout: a stored ``_target_`` naming an old module is read as the new one.
+MOVED_MODULES = {
+    "segvoc.losses": "segvoc.losses.segmentation",
+    "segvoc.weighting": "segvoc.losses.weighting",
+    "segvoc.metrics": "segvoc.evaluation.metrics",
+    "segvoc.inference": "segvoc.evaluation.inference",
+    "segvoc.visualize": "segvoc.evaluation.figures",
+    "segvoc.task": "segvoc.engine.task",
+    "segvoc.builders": "segvoc.engine.builders",
+    "segvoc.interrupts": "segvoc.engine.interrupts",
+    "segvoc.checkpoint": "segvoc.engine.checkpoint",
+    "segvoc.feature_cache": "segvoc.engine.feature_cache",
+    "segvoc.perf": "segvoc.engine.perf",
+    "segvoc.runs": "segvoc.runs.directory",
+    "segvoc.sweep": "segvoc.runs.sweep",
+    "segvoc.seed_groups": "segvoc.runs.seed_groups",
+    "segvoc.optuna_study": "segvoc.runs.optuna_study",
+    "segvoc.model_card": "segvoc.runs.model_card",
+    "segvoc.exporting": "segvoc.deploy.exporting",
+    "segvoc.exported": "segvoc.deploy.exported",
+    "segvoc.throughput": "segvoc.reporting.throughput",
+}
+
+
+def _moved_target(target: str) -> str:
+    module, _, name = target.rpartition(".")
+    return f"{MOVED_MODULES[module]}.{name}" if module in MOVED_MODULES else target
+
+
+def upgrade_targets(node: Any) -> Any:
+    """A stored config (plain containers) with each ``_target_`` of a moved module rewritten (``MOVED_MODULES``):
+    configs stored by segvoc 0.3 and earlier build the same objects today."""
+    if isinstance(node, dict):
+        return {k: _moved_target(v) if k == "_target_" and isinstance(v, str) else upgrade_targets(v)
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [upgrade_targets(v) for v in node]
+    return node
+
+
 def checkpoint_config(ckpt: dict[str, Any]) -> DictConfig:
-    """The run config stored in a checkpoint."""
-    return OmegaConf.create(ckpt["hyper_parameters"]["cfg"])
+    """The run config stored in a checkpoint (old module paths upgraded, see ``upgrade_targets``)."""
+    return OmegaConf.create(upgrade_targets(ckpt["hyper_parameters"]["cfg"]))
 
 
 def load_state(task: SegmentationTask, state: dict[str, torch.Tensor], path: str | Path, cfg: DictConfig,

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from segvoc.utils import write_json
 
-log = logging.getLogger("segvoc.sweep")
+log = logging.getLogger("segvoc.runs.sweep")
 FAILED_MARKER = "FAILED.json"
 
 

@@ -1,0 +1,1 @@
+"""Exporting a trained task to ONNX/TorchScript, and running exported files as a task."""

@@ -1,0 +1,1 @@
+"""What ``segvoc.report`` and ``segvoc.bench`` compute: the report's tables and figures, and throughput."""
