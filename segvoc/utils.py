@@ -7,6 +7,8 @@ import json
 import math
 import os
 import tempfile
+import textwrap
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -22,13 +24,24 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
+def process_umask() -> int:
+    """The process umask (read by setting it and setting it back: the only portable way)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = False) -> None:
     """Call ``write(file)`` on a temp file beside ``path``, fsync, then rename over ``path``: a crash mid-write
-    never leaves a truncated file, and readers see the old or the new content, nothing in between."""
+    never leaves a truncated file, and readers see the old or the new content, nothing in between.
+
+    The file gets the mode a plain ``open(path, "w")`` would give (0644 under umask 022), not ``mkstemp``'s 0600,
+    so lab mates can read a run and share ``paths.cache_dir``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~process_umask())
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
             f.flush()
@@ -39,6 +52,12 @@ def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = F
         raise
 
 
+def temp_beside(path: Path) -> Path:
+    """A temporary file name beside ``path``, unique to this call (two exports to one file never share it);
+    the caller creates the file (with the umask's mode), renames it over ``path``, or removes it."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Atomically write ``text`` to ``path`` (see ``atomic_write``)."""
     atomic_write(path, lambda f: f.write(text))
@@ -47,6 +66,12 @@ def atomic_write_text(path: Path, text: str) -> None:
 def write_json(path: Path, obj: Any) -> None:
     """Atomically write ``obj`` as indented JSON (NaN/inf become null)."""
     atomic_write_text(path, json.dumps(_clean(obj), indent=2) + "\n")
+
+
+def one_line(text: str, width: int = 240) -> str:
+    """``text`` (an exception's message) on one line, shortened at a word boundary with `` …`` when longer than
+    ``width``: never cut in the middle of a word."""
+    return textwrap.shorten(" ".join(str(text).split()), width, placeholder=" …")
 
 
 def files_key(paths: Sequence[str | Path]) -> str:

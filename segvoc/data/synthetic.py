@@ -19,6 +19,7 @@ import numpy as np
 
 from segvoc.data.io import save_palette_mask
 from segvoc.data.palette import IGNORE_INDEX
+from segvoc.utils import process_umask
 
 DEFAULT_CLASSES = (1, 7, 8, 12, 15)  # aeroplane, car, cat, dog, person
 
@@ -100,6 +101,7 @@ def generate(root: str | Path, num_train: int = 160, num_val: int = 80, height: 
 def _write_tree(root: Path, params: dict, classes: Sequence[int]) -> None:
     num_train, num_val, height, width, seed = (params[k] for k in ("num_train", "num_val", "height", "width", "seed"))
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    tmp.chmod(0o777 & ~process_umask())  # mkdtemp's 0700 would hide a shared cache_dir's tree from lab mates
     tvoc = tmp / "VOCdevkit" / "VOC2012"
     for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (tvoc / d).mkdir(parents=True)

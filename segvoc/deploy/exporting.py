@@ -25,6 +25,7 @@ from torch import nn
 from segvoc.deploy.exported import load_runner
 from segvoc.deploy.formats import FORMATS, METADATA_KEY, torchscript_quiet
 from segvoc.errors import ConfigError, ExportError
+from segvoc.utils import one_line, temp_beside
 
 if TYPE_CHECKING:
     from segvoc.engine.task import SegmentationTask
@@ -134,7 +135,7 @@ def export_onnx(module: DeployModel, path: Path, metadata: dict[str, Any], opset
 
     batch, height, width = (torch.export.Dim(n, min=1, max=16384) for n in ("batch", "height", "width"))
     output = "mask" if module.argmax else "logits"
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_beside(path)
     # onnx_ir / onnxscript log every graph pass at INFO, which Hydra's root logger would print; keep warnings
     quiet = {name: logging.getLogger(name) for name in ("onnx_ir", "onnxscript")}
     levels = {name: lg.level for name, lg in quiet.items()}
@@ -167,7 +168,7 @@ def export_torchscript(module: DeployModel, path: Path, metadata: dict[str, Any]
             wrapper.scale.copy_(module.scale)
             wrapper.shift.copy_(module.shift)
         scripted = torch.jit.script(wrapper.eval())
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_beside(path)
     try:
         with torchscript_quiet():
             torch.jit.save(scripted, str(tmp), _extra_files={METADATA_KEY: json.dumps(metadata)})
@@ -193,7 +194,7 @@ def export(task: SegmentationTask, path: Path, fmt: str, metadata: dict[str, Any
         raise
     except Exception as exc:
         raise ExportError(f"{type(task.model).__name__}: {fmt} export failed ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0][:160]}); try format="
+                          f"{one_line(str(exc).splitlines()[0], 160)}); try format="
                           f"{'torchscript' if fmt == 'onnx' else 'onnx'}") from exc
     return check_parity(module, load_runner(path))
 
