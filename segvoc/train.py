@@ -38,7 +38,7 @@ from segvoc.runs.directory import (
     write_scores,
 )
 from segvoc.runs.model_card import FitSummary, device_name, write_model_card
-from segvoc.runs.sweep import record_failure
+from segvoc.runs.sweep import clear_failure, record_failure
 from segvoc.utils import write_json
 
 log = logging.getLogger("segvoc.train")
@@ -66,7 +66,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                           f"resume={out} (or resume=auto), replace it with overwrite=true, or pick another "
                           "hydra.run.dir")
     out = Path(cfg.paths.output_dir)
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path:  # checked before anything is written
+        ckpt = read_checkpoint(ckpt_path, what="ckpt_path")
+        if "optimizer_states" not in ckpt:
+            raise ConfigError(f"ckpt_path={ckpt_path}: holds weights only (no optimizer state), so training cannot "
+                              "continue from it; use that run's checkpoints/last.ckpt")
     ensure_writable(out)
+    clear_failure(out)  # this job runs again: a FAILED.json of an earlier attempt no longer describes it
     pl.seed_everything(int(cfg.seed), workers=True)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
     dm = build_datamodule(cfg, split_dir=out / "splits")
@@ -76,10 +83,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if weights is not None:
         write_json(out / "class_weights.json", asdict(weights))
     task = build_task(cfg, class_weights=weights)
-    ckpt_path = cfg.get("ckpt_path")
     purge_step = None
-    if ckpt_path and Path(ckpt_path).is_file():
-        ckpt = read_checkpoint(ckpt_path)
+    if ckpt_path:
         load_state(task, ckpt["state_dict"], ckpt_path, checkpoint_config(ckpt), check_only=True)
         purge_step = int(ckpt.get("global_step", 0)) or None
     trainer = build_trainer(cfg, purge_step=purge_step)

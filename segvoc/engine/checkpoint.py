@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from segvoc.config import choice
 from segvoc.errors import WeightsError
-from segvoc.utils import atomic_write
+from segvoc.utils import atomic_write, one_line
 
 if TYPE_CHECKING:
     from segvoc.engine.task import SegmentationTask
@@ -25,17 +25,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write(path, lambda f: torch.save(checkpoint, f), binary=True)
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary pickled code."""
+def read_checkpoint(path: str | Path, what: str = "ckpt") -> dict[str, Any]:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary pickled code.
+
+    ``what``: the config key the path came from, named in the error when there is no such file."""
     path = Path(path).expanduser()
     if path.is_dir():  # a run directory: take its best checkpoint
         path = path / "checkpoints" / "best.ckpt"
     if not path.is_file():
-        raise WeightsError(f"{path}: checkpoint not found; pass ckpt=<run dir>/checkpoints/best.ckpt")
+        example = "<run dir>/checkpoints/last.ckpt" if what == "ckpt_path" else "<run dir>/checkpoints/best.ckpt"
+        raise WeightsError(f"{what}={path}: checkpoint not found; pass {what}={example}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise WeightsError(f"{path}: cannot load checkpoint safely ({type(exc).__name__}: {str(exc)[:100]}); "
+        raise WeightsError(f"{path}: cannot load checkpoint safely ({type(exc).__name__}: {one_line(exc)}); "
                            "is it a segvoc checkpoint, complete and not truncated?") from None
     if "state_dict" not in ckpt or "cfg" not in ckpt.get("hyper_parameters", {}):
         raise WeightsError(f"{path}: not a segvoc checkpoint (no state_dict/config); train one with segvoc.train")

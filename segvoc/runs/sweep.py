@@ -21,6 +21,11 @@ def record_failure(run_dir: Path, exc: BaseException) -> None:
     write_json(run_dir / FAILED_MARKER, {"error": f"{type(exc).__name__}: {exc}"})
 
 
+def clear_failure(run_dir: Path) -> None:
+    """Forget an earlier attempt's failure: the job is running again (its new outcome replaces it)."""
+    (run_dir / FAILED_MARKER).unlink(missing_ok=True)
+
+
 def job_dirs(sweep_dir: Path) -> list[Path]:
     """The job directories of a sweep, old and new: every folder holding a ``.hydra/`` (also in per-launch
     subfolders, as Optuna studies use), outside hidden folders such as ``.submitit/``."""
