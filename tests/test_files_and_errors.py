@@ -196,3 +196,35 @@ def test_failed_sweep_job_counts_as_finished_once_it_runs_again(smoke_cfg, tmp_p
     assert summarize(tmp_path / "sweep")["failed"] == {"0_fcn_baseline": "DatasetError: broken file"}
     train(smoke_cfg(f"paths.output_dir={job}", "trainer.max_epochs=1", "resume=auto"))
     assert summarize(tmp_path / "sweep") == {"ok": ["0_fcn_baseline"], "failed": {}}
+
+
+def test_tree_check_lists_every_problem_in_one_pass(voc_mini, tmp_path):
+    """A listed id with no files, an id without its image, a truncated JPEG and a mask holding 50: all four in
+    one report, each missing file named."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from segvoc.data.tree_check import check_tree
+
+    root = tmp_path / "VOCdevkit" / "VOC2012"
+    shutil.copytree(voc_mini, root)
+    with open(root / "ImageSets/Segmentation/train.txt", "a") as f:
+        f.write("2007_999999\n")
+    (root / "JPEGImages" / "2007_000032.jpg").unlink()
+    jpg = root / "JPEGImages" / "2007_000033.jpg"
+    jpg.write_bytes(jpg.read_bytes()[:2000])
+    mask_path = root / "SegmentationClass" / "2007_000042.png"
+    mask = np.array(Image.open(mask_path))
+    mask[0, 0] = 50
+    Image.fromarray(mask).save(mask_path)
+    report = check_tree(tmp_path, progress=False)
+    problems = report["problems"]
+    assert len(problems) == 4, problems
+    by_id = {i: [p for p in problems if i in p] for i in ("999999", "000032", "000033", "000042")}
+    assert all(len(v) == 1 for v in by_id.values()), by_id
+    assert "no JPEGImages/2007_999999.jpg and no SegmentationClass/2007_999999.png" in by_id["999999"][0]
+    assert "no JPEGImages/2007_000032.jpg (" in by_id["000032"][0] and ".png" not in by_id["000032"][0]
+    assert "JPEGImages/2007_000033.jpg: " in by_id["000033"][0] and "[50]" in by_id["000042"][0]
+    assert report["counts"][0] > 0  # the one good pair (2007_000039) was still counted

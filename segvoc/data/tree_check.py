@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from rich.progress import track
 
 from segvoc.data.palette import VOC_CLASSES
-from segvoc.data.voc import VOCPairs, make_splits, mask_dir_for, resolve_voc_root
+from segvoc.data.voc import VOCPairs, make_splits, mask_dir_for, missing_files, resolve_voc_root, split_file
 from segvoc.errors import DatasetError
 from segvoc.tables import markdown_table
 
@@ -19,14 +19,21 @@ def check_tree(root: str | Path, train_split: str = "train", test_fraction: floa
                subset: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Decode every pair of every split; returns ``{"splits": {name: n}, "counts": [n per class], "problems": []}``.
 
+    Every problem of the pairs is listed in one pass: for each id without its image or mask, which file is
+    missing; then every image or mask of the other ids that cannot be decoded or holds values outside the classes.
     Layout and split-list errors raise ``DatasetError`` at once (nothing else can be checked then).
     """
     voc = resolve_voc_root(root)
-    splits = make_splits(voc, train_split, test_fraction, split_seed, subset)
+    splits = make_splits(voc, train_split, test_fraction, split_seed, subset, check_files=False)
     counts = np.zeros(256, np.int64)
     problems: list[str] = []
     for name, ids in splits.items():
-        ds = VOCPairs(voc, ids, mask_dir_for(voc, name, train_split))
+        mask_dir = mask_dir_for(voc, name, train_split)
+        missing = missing_files(voc, ids, mask_dir)
+        listed_in = split_file(voc, name, train_split)
+        problems += [f"{listed_in}: id {i} has no {' and no '.join(lacks)} (under {voc}); restore it or remove the "
+                     "id from the list" for i, lacks in missing.items()]
+        ds = VOCPairs(voc, [i for i in ids if i not in missing], mask_dir)
         for k in track(range(len(ds)), description=f"checking {name}", disable=not progress, transient=True):
             try:
                 _, mask = ds.load(k)

@@ -58,18 +58,30 @@ def read_id_list(path: Path) -> list[str]:
     return ids
 
 
+def missing_files(voc: Path, ids: Sequence[str], mask_dir: str) -> dict[str, list[str]]:
+    """The files (relative to ``voc``) each id lacks, for the ids that lack any (existence only: cheap)."""
+    missing = {}
+    for i in ids:
+        lacks = [f for f in (f"JPEGImages/{i}.jpg", f"{mask_dir}/{i}.png") if not (voc / f).is_file()]
+        if lacks:
+            missing[i] = lacks
+    return missing
+
+
 def check_ids(voc: Path, ids: Sequence[str], mask_dir: str, split_file: Path) -> None:
     """Check (cheaply: existence only) that every id has an image and a mask."""
-    missing = [
-        i for i in ids
-        if not (voc / "JPEGImages" / f"{i}.jpg").is_file() or not (voc / mask_dir / f"{i}.png").is_file()
-    ]
+    missing = missing_files(voc, ids, mask_dir)
     if missing:
-        shown = ", ".join(missing[:5])
+        shown = ", ".join(f"{i} (no {' or '.join(lacks)})" for i, lacks in list(missing.items())[:3])
         raise DatasetError(
             f"{split_file}: {len(missing)} of {len(ids)} ids have no image or mask under {voc} "
             f"(first: {shown}); re-extract the dataset or remove them from the list"
         )
+
+
+def split_file(voc: Path, split: str, train_split: str) -> Path:
+    """The split list ``split``'s ids come from: ``<train_split>.txt`` for train, ``val.txt`` for val and test."""
+    return voc / "ImageSets" / "Segmentation" / (f"{train_split}.txt" if split == "train" else "val.txt")
 
 
 def make_splits(
@@ -78,11 +90,13 @@ def make_splits(
     test_fraction: float = 0.5,
     split_seed: int = 0,
     subset: int | None = None,
+    check_files: bool = True,
 ) -> dict[str, list[str]]:
     """Return ids for train/val/test.
 
     VOC's test masks are not public, so ``test`` is a seeded ``test_fraction`` of the official val list
-    and ``val`` the rest. ``subset`` keeps the first N ids of each split.
+    and ``val`` the rest. ``subset`` keeps the first N ids of each split. ``check_files=False`` leaves ids whose
+    image or mask is missing for the caller to report (``segvoc.data.tree_check``).
     """
     sets = voc / "ImageSets" / "Segmentation"
     train_ids = read_id_list(sets / f"{train_split}.txt")
@@ -100,8 +114,8 @@ def make_splits(
     for name, ids in splits.items():
         if not ids and not (name == "test" and test_fraction == 0):
             raise DatasetError(f"{sets}: split {name!r} is empty; check data.test_fraction and data.subset")
-        src = sets / (f"{train_split}.txt" if name == "train" else "val.txt")
-        check_ids(voc, ids, mask_dir_for(voc, name, train_split), src)
+        if check_files:
+            check_ids(voc, ids, mask_dir_for(voc, name, train_split), split_file(voc, name, train_split))
     return splits
 
 
