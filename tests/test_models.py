@@ -191,13 +191,93 @@ def test_cached_features_refuse_random_augmentation(smoke_cfg):
         train(cfg)
 
 
-def test_cached_features_smoke_run(smoke_cfg, tmp_path):
-    from segvoc.train import train
+MIXED_SIZES = [[61, 77], [77, 61], [45, 90]]  # augment=none pads them to 64x96 and 96x64 (data.image_size=64)
 
-    cfg = smoke_cfg("model=resnet34_transfer", "model.weights=none", "model.cache_features=true", "augment=none",
-                    "data.subset=4", "trainer.max_epochs=2")
+
+@pytest.fixture(scope="module")
+def mixed_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic tree of odd, mixed image sizes (as the other data tests use)."""
+    from segvoc.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("mixed") / "synthetic"
+    generate(root, num_train=8, num_val=4, sizes=MIXED_SIZES, seed=1)
+    return root
+
+
+def test_cached_features_do_not_depend_on_batch_mates(tmp_path, mixed_root):
+    """Real VOC sizes: each id is encoded alone at its own padded size, so two shuffled epochs (workers on) reuse
+    features that equal the id's own encoding, and the cached logits equal the uncached path's for a batch."""
+    from segvoc.config import compose
+    from segvoc.engine.builders import build_datamodule, build_task
+
+    cfg = compose([f"paths.output_dir={tmp_path}", "data=synthetic", f"data.root={mixed_root}", "data.synthetic=null",
+                   "model=resnet34_transfer", "model.weights=none", "model.cache_features=true", "augment=none",
+                   "data.image_size=64", "data.batch_size=3", "data.num_workers=2"])
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
+    torch.manual_seed(0)
+    task = build_task(cfg, pretrained=False).eval()
+    cache, model = task.feature_cache, task.model
+    calls: list[int] = []
+    model.encoder.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    loader = dm.train_dataloader()
+    mixed = same_size_checks = uncached = 0
+    orders = []
+    with torch.no_grad():
+        for epoch in range(2):
+            loader.sampler.set_epoch(epoch)
+            batches = list(loader)
+            orders.append([i for b in batches for i in b["id"]])
+            for batch in batches:
+                logits = cache.logits(task.normalize(batch["image"]), batch["id"], batch["size"])
+                assert logits.shape[-2:] == batch["mask"].shape[-2:]
+                sizes = [tuple(s) for s in batch["size"].tolist()]
+                mixed += len(set(sizes)) > 1
+                for h, w in set(sizes):  # the images of one size, as a batch of their own: cached == uncached
+                    ks = [k for k, s in enumerate(sizes) if s == (h, w)]
+                    images = batch["image"][ks, :, :h, :w]
+                    cached = cache.logits(task.normalize(images), [batch["id"][k] for k in ks])
+                    assert torch.allclose(cached, task(images), atol=1e-5)
+                    same_size_checks += 1
+                    uncached += len(ks)
+    assert mixed >= 1 and same_size_checks >= 3  # batches of mixed sizes were met
+    assert orders[0] != orders[1]  # shuffled: an id met other batch mates in epoch 2
+    assert sum(calls) - uncached == len(cache.features) == len(dm.datasets["train"])  # each id encoded once
+    assert all(f.device.type == "cpu" for f in cache.features.values())
+    with torch.no_grad():
+        for k in range(len(dm.datasets["train"])):
+            sample = dm.datasets["train"][k]
+            alone = model.encode(task.normalize(sample["image"][None]))[0]
+            assert torch.allclose(cache.features[sample["id"]], alone, atol=1e-5), sample["id"]
+    assert cache.nbytes() == sum(f.numel() * 4 for f in cache.features.values())
+
+
+def test_cached_features_smoke_run_on_mixed_sizes(tmp_path, mixed_root):
+    """0.3 crashed in epoch 2 (``stack expects each tensor to be equal size``) on mixed sizes with workers."""
+    from segvoc.train import train
+    from tests.conftest import make_cfg
+
+    cfg = make_cfg(tmp_path, "data=synthetic", "debug=smoke", "data.image_size=64", "data.synthetic=null",
+                   "model=resnet34_transfer", "model.weights=none", "model.cache_features=true", "augment=none",
+                   "data.batch_size=3", "data.num_workers=2", "trainer.max_epochs=3", data_root=mixed_root)
     metrics = train(cfg)
     assert 0 <= metrics["test"]["miou"] <= 1
+
+
+def test_perf_compile_leaves_the_cached_decoder_eager(smoke_cfg):
+    """Pinned behaviour (README, Performance): ``perf.compile`` compiles the model's forward, which the cached
+    path never calls; the cached decoder runs eagerly (5b's compile gain was x1.01)."""
+    from torch._dynamo.utils import counters
+
+    from segvoc.engine.builders import build_task
+
+    cfg = smoke_cfg("model=resnet34_transfer", "model.weights=none", "model.cache_features=true", "augment=none",
+                    "perf.compile=true")
+    task = build_task(cfg, pretrained=False)
+    assert task.model._compiled_call_impl is not None  # compile did apply to the model's forward
+    frames = counters["stats"]["unique_graphs"]
+    task.feature_cache.logits(torch.randn(2, 3, 64, 64), ["a", "b"])
+    assert counters["stats"]["unique_graphs"] == frames  # nothing compiled on the cached path
 
 
 def test_reference_models_train_the_aux_head_at_ten_times_the_lr(smoke_cfg):

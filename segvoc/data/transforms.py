@@ -20,7 +20,10 @@ def build_pipeline(steps: ListConfig | Sequence[DictConfig] | None) -> A.Compose
 
 
 def pad_collate(samples: list[dict]) -> dict:
-    """Stack samples, padding images with 0 and masks with 255 (ignore) up to the largest H and W."""
+    """Stack samples, padding images with 0 and masks with 255 (ignore) up to the largest H and W.
+
+    ``size`` (N,2) holds each sample's own H and W before this padding: what depends on one image alone (the
+    feature cache) crops it back out, so it never depends on the image's batch mates."""
     h = max(s["image"].shape[-2] for s in samples)
     w = max(s["image"].shape[-1] for s in samples)
     images = torch.zeros((len(samples), 3, h, w), dtype=samples[0]["image"].dtype)
@@ -29,7 +32,8 @@ def pad_collate(samples: list[dict]) -> dict:
         sh, sw = s["image"].shape[-2:]
         images[k, :, :sh, :sw] = s["image"]
         masks[k, :sh, :sw] = s["mask"]
-    return {"image": images, "mask": masks, "id": [s["id"] for s in samples]}
+    sizes = torch.tensor([list(s["image"].shape[-2:]) for s in samples], dtype=torch.long)
+    return {"image": images, "mask": masks, "id": [s["id"] for s in samples], "size": sizes}
 
 
 class Normalize(torch.nn.Module):

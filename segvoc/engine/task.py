@@ -88,7 +88,7 @@ class SegmentationTask(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self.feature_cache is not None:
-            logits = self.feature_cache.logits(self.normalize(batch["image"]), batch["id"])
+            logits = self.feature_cache.logits(self.normalize(batch["image"]), batch["id"], batch.get("size"))
         else:
             logits = self(batch["image"])
         loss = self.criterion(logits, batch["mask"])
