@@ -23,6 +23,7 @@ from segvoc.engine.checkpoint import AtomicCheckpointIO, checkpoint_config, load
 from segvoc.engine.feature_cache import FeatureCache
 from segvoc.engine.interrupts import PreemptionCheckpoint
 from segvoc.engine.perf import prepare_model
+from segvoc.engine.progress import progress_bar
 from segvoc.engine.task import SegmentationTask
 from segvoc.evaluation.inference import InferenceConfig
 from segvoc.losses.segmentation import SegmentationLoss
@@ -177,5 +178,7 @@ def build_trainer(cfg: DictConfig, evaluation: bool = False, purge_step: int | N
     if not loggers:  # logger=none: a learning-rate monitor has nowhere to write (Lightning refuses to start)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     callbacks.append(PreemptionCheckpoint(out / "checkpoints", out))
+    if kwargs.get("enable_progress_bar", True):
+        callbacks.append(progress_bar())
     return pl.Trainer(callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
                       default_root_dir=str(out), **kwargs)

@@ -64,7 +64,8 @@ class SegmentationTask(pl.LightningModule):
         self.register_buffer("_first_bad_step", torch.tensor(-1), persistent=False)
         self.normalize = Normalize(mean, std, channels_last=channels_last)
         self.confusion = nn.ModuleDict({s: ConfusionMatrix(num_classes) for s in EVAL_SPLITS})
-        self.mean_loss = nn.ModuleDict({s: MeanMetric() for s in EVAL_SPLITS})
+        # nan_strategy="disable": the NaN check is a host sync per batch; a NaN loss shows as a NaN mean instead
+        self.mean_loss = nn.ModuleDict({s: MeanMetric(nan_strategy="disable") for s in EVAL_SPLITS})
         self.scores: dict[str, dict[str, Any]] = {}
         self._samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.feature_cache = feature_cache
@@ -92,11 +93,15 @@ class SegmentationTask(pl.LightningModule):
         else:
             logits = self(batch["image"])
         loss = self.criterion(logits, batch["mask"])
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["image"]))
-        # remember the first non-finite step on the device (no per-step host sync); checked before validation
+        # not prog_bar: Lightning would turn it into a float (a host sync) at every step; the progress bar
+        # (engine.progress) shows it at logging steps only
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(batch["image"]))
+        # remember the first non-finite step on the device (no per-step host sync); checked before validation.
+        # full_like fills on the device: as_tensor(python int, device=cuda) would be a blocking host copy
         bad = ~torch.isfinite(loss.detach())
         self._first_bad_step = torch.where(bad & (self._first_bad_step < 0),
-                                           torch.as_tensor(self.global_step, device=loss.device), self._first_bad_step)
+                                           torch.full_like(self._first_bad_step, self.global_step),
+                                           self._first_bad_step)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
@@ -119,7 +124,8 @@ class SegmentationTask(pl.LightningModule):
     def _eval_step(self, batch: dict, split: str, batch_idx: int) -> None:
         log_probs = self.predict_log_probs(batch["image"])
         masks = batch["mask"]
-        self.mean_loss[split].update(self.criterion(log_probs, masks), weight=len(masks))
+        loss = self.criterion(log_probs, masks)
+        self.mean_loss[split].update(loss, weight=torch.full_like(loss, len(masks)))  # a tensor: no host copy
         preds = log_probs.argmax(1)
         self.confusion[split].update(preds, masks)
         if split == "val" and len(self._samples) < self.log_images and not self.trainer.sanity_checking:

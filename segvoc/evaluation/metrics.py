@@ -18,12 +18,16 @@ from segvoc.data.palette import IGNORE_INDEX
 
 def confusion_counts(preds: torch.Tensor, target: torch.Tensor, num_classes: int,
                      ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """(C, C) int64 counts, rows = ground truth, columns = prediction, on the inputs' device (no host sync)."""
+    """(C, C) int64 counts, rows = ground truth, columns = prediction, on the inputs' device (no host sync).
+
+    Ignored pixels add 0 to bin 0 instead of being masked out, so every shape is fixed: boolean indexing and CUDA's
+    ``bincount`` (which reads the input's maximum back to the host) would each sync."""
     target = target.reshape(-1).long()
     preds = preds.reshape(-1).long()
     valid = target != ignore_index
-    idx = target[valid] * num_classes + preds[valid]
-    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    idx = torch.where(valid, target * num_classes + preds, 0)
+    counts = torch.zeros(num_classes * num_classes, dtype=torch.long, device=idx.device)
+    return counts.index_add_(0, idx, valid.long()).reshape(num_classes, num_classes)
 
 
 class ConfusionMatrix(Metric):

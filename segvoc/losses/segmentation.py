@@ -72,28 +72,37 @@ class Focal(SegmentationLoss):
     def pixel_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         valid = target != self.ignore_index
         t = torch.where(valid, target, 0)
-        logp_t = logits.log_softmax(1).gather(1, t.unsqueeze(1)).squeeze(1)[valid]
-        focal = -(1 - logp_t.exp()).pow(self.gamma) * logp_t
-        w = self.class_weight[t[valid]] if self.class_weight is not None else torch.ones_like(focal)
+        logp_t = logits.log_softmax(1).gather(1, t.unsqueeze(1)).squeeze(1)
+        focal = torch.where(valid, -(1 - logp_t.exp()).pow(self.gamma) * logp_t, 0.0)
+        # masked weights, not boolean indexing: fixed shapes, no host sync on a GPU
+        w = self.class_weight[t] if self.class_weight is not None else torch.ones_like(focal)
+        w = torch.where(valid, w, 0.0)
         return (w * focal).sum() / w.sum().clamp_min(1e-12)
 
 
 class Dice(SegmentationLoss):
-    """Soft multi-class Dice, 1 - mean over the classes present in the batch's (non-ignored) targets
-    (``smp.losses.DiceLoss``; class weights weight that mean)."""
+    """Soft multi-class Dice, 1 - mean over the classes present in the batch's (non-ignored) targets (class weights
+    weight that mean). Computed as ``smp.losses.DiceLoss("multiclass", classes=<present>)`` does, but with the
+    present classes as a mask on the device: no ``unique``/``tolist`` host sync and no loss object per step."""
 
-    def __init__(self, *args, smooth: float = 0.0, **kwargs) -> None:
+    def __init__(self, *args, smooth: float = 0.0, eps: float = 1e-7, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.smooth = smooth
+        self.eps = eps
 
     def pixel_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        present = torch.unique(target[target != self.ignore_index])
-        if present.numel() == 0:
-            return logits.sum() * 0.0
-        weights = self.class_weight.tolist() if self.class_weight is not None else None
-        dice = smp.losses.DiceLoss("multiclass", classes=present.tolist(), smooth=self.smooth,
-                                   ignore_index=self.ignore_index, class_weights=weights)
-        return dice(logits, target)
+        n, c = logits.shape[:2]
+        valid = (target != self.ignore_index).reshape(n, 1, -1)
+        prob = logits.log_softmax(1).exp().reshape(n, c, -1) * valid
+        onehot = F.one_hot(torch.where(valid, target.reshape(n, 1, -1), 0).squeeze(1), c).permute(0, 2, 1) * valid
+        onehot = onehot.to(prob.dtype)
+        intersection = (prob * onehot).sum((0, 2))
+        cardinality = prob.sum((0, 2)) + onehot.sum((0, 2))
+        dice = (intersection + self.smooth) / (cardinality / 2 + self.smooth).clamp_min(self.eps)
+        present = (onehot.sum((0, 2)) > 0).to(prob.dtype)
+        w = present * self.class_weight if self.class_weight is not None else present
+        # no class present (all pixels ignored): 0 with a zero gradient, as before
+        return ((1 - dice) * w).sum() / w.sum().clamp_min(1e-12)
 
 
 class Lovasz(SegmentationLoss):
@@ -125,14 +134,12 @@ class OHEMCrossEntropy(SegmentationLoss):
     def pixel_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         valid = target != self.ignore_index
         t = torch.where(valid, target, 0)
-        with torch.no_grad():
-            prob = logits.softmax(1).gather(1, t.unsqueeze(1)).squeeze(1)[valid]
-            threshold = torch.tensor(self.thresh, device=logits.device)
-            if prob.numel():
-                kept = min(self.min_kept * logits.shape[0], prob.numel() - 1)
-                threshold = torch.maximum(threshold, prob.sort().values[kept])
-            hard = torch.zeros_like(valid)
-            hard[valid] = prob < threshold
+        with torch.no_grad():  # fixed shapes throughout: the k-th hardest pixel is found on the device
+            prob = logits.softmax(1).gather(1, t.unsqueeze(1)).squeeze(1)
+            ranked = torch.where(valid, prob, float("inf")).flatten().sort().values  # ignored pixels sort last
+            kept = (valid.sum() - 1).clamp(min=0, max=self.min_kept * logits.shape[0])
+            threshold = ranked.gather(0, kept.reshape(1)).squeeze(0).clamp_min(self.thresh)
+            hard = valid & (prob < threshold)
         return F.cross_entropy(logits, torch.where(hard, target, self.ignore_index), weight=self.class_weight,
                                ignore_index=self.ignore_index)
 
