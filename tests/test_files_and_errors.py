@@ -294,3 +294,70 @@ def test_deletion_overrides_are_applied_on_resume_or_refused(run_under_umask_027
     composed = compose([f"paths.output_dir={run}", "ckpt=x", "~data.md5"], config_name="evaluate")
     carried = carry_overrides(OmegaConf.create(stored), composed, ("data",), "no", ["~data.md5"])
     assert "md5" in stored["data"] and "md5" not in carried.data
+
+
+def _finished_sweep(sweep: Path, *common: str) -> dict[str, str]:
+    """A finished sweep of loss=ce,weighted_ce (and ``common``) as segvoc leaves it; returns its checksums."""
+    for num, loss in enumerate(("ce", "weighted_ce")):
+        job = sweep / f"{num}_fcn_baseline"
+        (job / ".hydra").mkdir(parents=True)
+        OmegaConf.save(OmegaConf.create([f"loss={loss}", *common]), job / ".hydra" / "overrides.yaml")
+        (job / "metrics.json").write_text(json.dumps({"val": {"miou": 0.5}, "test": {"miou": 0.5}}))
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    (sweep / "sweep_summary.json").write_text(json.dumps({"ok": ["0_fcn_baseline", "1_fcn_baseline"], "failed": {}}))
+    return _checksums(sweep)
+
+
+def _checksums(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
+def _multirun_config(*overrides: str):
+    from hydra.types import RunMode
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return GlobalHydra.instance().hydra.compose_config(
+            "train", list(overrides), run_mode=RunMode.MULTIRUN, with_log_configuration=False)
+
+
+def test_sweep_landing_on_another_sweeps_runs_is_refused_before_anything(tmp_path, capsys):
+    from segvoc.runs.sweep import SweepSummary
+
+    sweep = tmp_path / "sweep"
+    before = _finished_sweep(sweep)
+    with pytest.raises(SystemExit) as exc:
+        SweepSummary().on_multirun_start(_multirun_config("loss=ce,focal", f"hydra.sweep.dir={sweep}"))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {sweep}/1_fcn_baseline: holds a run launched with other overrides (now "
+                          "['loss=focal'], then ['loss=weighted_ce'])") and len(err.splitlines()) == 1
+    # the same sweep again, one that adds a job, and overwrite=true go ahead
+    SweepSummary().on_multirun_start(_multirun_config("loss=ce,weighted_ce", f"hydra.sweep.dir={sweep}"))
+    SweepSummary().on_multirun_start(_multirun_config("loss=ce,weighted_ce,focal", f"hydra.sweep.dir={sweep}"))
+    SweepSummary().on_multirun_start(_multirun_config("loss=ce,focal", "overwrite=true", f"hydra.sweep.dir={sweep}"))
+    assert _checksums(sweep) == before
+
+
+@pytest.mark.slow
+def test_refused_sweep_launch_changes_nothing_on_disk(tmp_path):
+    """The whole command: exit 2, one line, and every file of the finished sweep as it was."""
+    import subprocess
+    import sys
+
+    from segvoc.config import REPO_ROOT
+
+    sweep = tmp_path / "sweep"
+    common = [f"paths.output_root={tmp_path}/outputs", "data=synthetic", "debug=smoke"]
+    before = _finished_sweep(sweep, *common)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "segvoc.train", "-m", "loss=ce,focal", f"hydra.sweep.dir={sweep}",
+                           *common],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {sweep}/1_fcn_baseline: holds a run")
+    assert "Traceback" not in proc.stderr
+    assert _checksums(sweep) == before
