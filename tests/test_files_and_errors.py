@@ -361,3 +361,28 @@ def test_refused_sweep_launch_changes_nothing_on_disk(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {sweep}/1_fcn_baseline: holds a run")
     assert "Traceback" not in proc.stderr
     assert _checksums(sweep) == before
+
+
+def test_compiled_model_trains_compiled_and_evaluates_eager(tmp_path):
+    """``perf.compile``: training steps go through Dynamo; full-resolution evaluation (many sizes) never does."""
+    from segvoc.config import compose
+    from segvoc.engine.builders import build_task
+
+    compiled: list[tuple] = []
+
+    def backend(gm, example_inputs):
+        compiled.append(tuple(example_inputs[0].shape) if example_inputs else ())
+        return gm.forward
+
+    task = build_task(compose(["model=fcn_baseline", f"paths.output_dir={tmp_path}"]), pretrained=False)
+    task.model.compile(backend=backend)  # in place, as perf.compile does (a counting backend instead of inductor)
+    task.eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for h, w in ((37, 53), (61, 45), (50, 50), (33, 71)):
+            out = task.predict_log_probs(torch.randint(0, 256, (1, 3, h, w), dtype=torch.uint8, generator=g))
+            assert out.shape == (1, 21, h, w)
+    assert compiled == []
+    task.train()
+    task(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=g))  # a training forward
+    assert len(compiled) >= 1
