@@ -12,6 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from segvoc.config import check_values
 from segvoc.errors import SegvocError
 
 log = logging.getLogger("segvoc")
@@ -35,12 +36,14 @@ def _no_advertising(record: logging.LogRecord) -> bool:
 
 
 def run_app(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
-    """Call ``fn(cfg)``; a ``SegvocError`` becomes ``error: <message>`` on stderr and exit code 2.
+    """Check ``cfg`` (``segvoc.config.check_values``), then call ``fn(cfg)``; a ``SegvocError`` becomes
+    ``error: <message>`` on stderr and exit code 2.
 
     ``traceback=true`` in the config or ``HYDRA_FULL_ERROR=1`` re-raises it with its traceback.
     """
     quiet_library_noise()
     try:
+        check_values(cfg)  # the numbers and mandatory keys a user types, before any work
         return fn(cfg)
     except Exception as exc:
         user_error = find_user_error(exc)

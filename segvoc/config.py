@@ -84,8 +84,9 @@ def carry_overrides(stored: DictConfig, composed: DictConfig, allowed: tuple[str
     """Apply what the user typed to a stored run config (a checkpoint's), taking values from ``composed``.
 
     A group override (``trainer=gpu``) replaces that whole node; a key override (``trainer.max_epochs=50``) sets
-    that key. Keys under ``allowed`` (prefixes such as ``trainer`` or ``data.root``) are applied; ``hydra.*`` and
-    ``resume``/``overwrite`` are ignored; any other key is a ``ConfigError`` naming it, followed by ``refusal``.
+    that key; a deletion (``~callbacks.early_stopping``) deletes it. Keys under ``allowed`` (prefixes such as
+    ``trainer`` or ``data.root``) are applied; ``hydra.*`` and ``resume``/``overwrite`` are ignored; any other key
+    is a ``ConfigError`` naming it, followed by ``refusal``.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -95,13 +96,99 @@ def carry_overrides(stored: DictConfig, composed: DictConfig, allowed: tuple[str
     given = command_line_overrides() if overrides is None else overrides
     for ov in OverridesParser.create().parse_overrides(given):
         key = ov.key_or_group.replace("/", ".")
-        if key.split(".")[0] in ("hydra", "resume", "overwrite") or ov.is_delete():
+        if key.split(".")[0] in ("hydra", "resume", "overwrite"):
             continue
         if not any(key == a or key.startswith(a + ".") for a in allowed):
             raise ConfigError(f"{ov.input_line}: {key} cannot change here; {refusal}")
+        if ov.is_delete():
+            parent_key, _, leaf = key.rpartition(".")
+            parent = OmegaConf.select(out, parent_key) if parent_key else out
+            if isinstance(parent, DictConfig) and leaf in parent:
+                with open_dict(parent):
+                    del parent[leaf]
+            continue
         value = OmegaConf.select(composed, key)
         if isinstance(value, DictConfig):
             value = OmegaConf.to_container(value, resolve=True)
         with open_dict(out):
             OmegaConf.update(out, key, value, merge=False, force_add=True)
     return out
+
+
+# The numeric keys a user types, with what each accepts: (key, smallest value, also accepted, what it is).
+# ``check_values`` answers a bad one with one line; keys a command does not have are skipped.
+_WHOLE = "a whole number"
+NUMERIC_KEYS: tuple[tuple[str, float, tuple, str, str], ...] = (
+    ("data.batch_size", 1, (), _WHOLE, "images per training batch"),
+    ("data.eval_batch_size", 1, ("auto",), _WHOLE, "images per val/test batch"),
+    ("data.num_workers", 0, ("auto",), _WHOLE, "DataLoader worker processes"),
+    ("data.image_size", 1, (), _WHOLE, "the training crop side in pixels"),
+    ("data.subset", 1, (None,), _WHOLE, "the first N ids of each split"),
+    ("data.num_classes", 1, (), _WHOLE, "classes"),
+    ("trainer.max_epochs", 1, (None,), _WHOLE, "epochs to train; -1 would train forever"),
+    ("trainer.min_epochs", 0, (None,), _WHOLE, "epochs before early stopping may stop"),
+    ("trainer.max_steps", 1, (-1,), _WHOLE, "optimizer steps to train (-1: no limit)"),
+    ("trainer.accumulate_grad_batches", 1, (), _WHOLE, "batches per optimizer step"),
+    ("trainer.num_nodes", 1, (), _WHOLE, "machines"),
+    ("trainer.log_every_n_steps", 1, (), _WHOLE, "steps between log points"),
+    ("trainer.check_val_every_n_epoch", 1, (None,), _WHOLE, "epochs between validations"),
+    ("trainer.num_sanity_val_steps", 0, (-1,), _WHOLE, "validation batches before training (-1: all)"),
+    ("optimizer.lr", 0, (), "a number", "the learning rate"),
+    ("optimizer.weight_decay", 0, (), "a number", "the weight decay"),
+    ("infer.window", 1, (), _WHOLE, "the sliding window side in pixels"),
+    ("infer.stride", 1, (None,), _WHOLE, "the sliding window step in pixels"),
+    ("infer.max_pixels", 1, (), _WHOLE, "the image size above which infer.mode=auto slides"),
+    ("max_side", 1, (), _WHOLE, "the longest image side predict runs at"),
+    ("max_problems", 0, (), _WHOLE, "problems listed in full"),
+    ("log_images", 0, (), _WHOLE, "validation images in the TensorBoard grid"),
+)
+_POSITIVE = ("optimizer.lr",)  # > smallest, not >=
+
+
+def check_values(cfg: DictConfig) -> None:
+    """One place for the keys a user types: a missing mandatory value (``???``) or a numeric key out of range
+    (``NUMERIC_KEYS``, plus ``data.test_fraction``) is a ``ConfigError`` of one line naming key, value and fix.
+    Every entry point calls it (through ``segvoc.app.run_app``, and per job in a sweep) before any work."""
+    from segvoc.errors import ConfigError
+
+    for key in sorted(OmegaConf.missing_keys(cfg)):
+        raise ConfigError(f"{key} is required: add {key}=<value> to the command (see the comment on {key} in "
+                          f"{_config_file()})")
+    for key, low, also, kind, what in NUMERIC_KEYS:
+        value = _value(cfg, key)
+        if value is _ABSENT or any(value == a and type(value) is type(a) for a in also):
+            continue
+        whole = kind == _WHOLE
+        number = isinstance(value, int | float) and not isinstance(value, bool) and (not whole or
+                                                                                       float(value).is_integer())
+        ok = number and (value > low if key in _POSITIVE else value >= low)
+        if not ok:
+            bound = f"> {low}" if key in _POSITIVE else f">= {low}"
+            extra = "".join(f" or {'null' if a is None else a}" for a in also)
+            raise ConfigError(f"{key}={_show(value)}: must be {kind} {bound}{extra} ({what})")
+    fraction = _value(cfg, "data.test_fraction")
+    if fraction is not _ABSENT and not (isinstance(fraction, int | float) and not isinstance(fraction, bool)
+                                        and 0 <= fraction < 1):
+        raise ConfigError(f"data.test_fraction={_show(fraction)}: must be a number in [0, 1) (the share of "
+                          "official val held out as test)")
+
+
+_ABSENT = object()
+
+
+def _config_file() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    return f"conf/{HydraConfig.get().job.config_name}.yaml" if HydraConfig.initialized() else "conf/"
+
+
+def _value(cfg: DictConfig, key: str) -> object:
+    try:
+        node = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
+    except Exception:  # noqa: BLE001 - a key this command cannot resolve is checked where it is used
+        return _ABSENT
+    return node
+
+
+def _show(value: object) -> str:
+    return "null" if value is None else str(value)

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, open_dict
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from segvoc.app import quiet_library_noise, run_app
-from segvoc.config import command_line_overrides  # also registers resolvers before Hydra composes
+from segvoc.config import check_values, command_line_overrides  # also registers resolvers before Hydra composes
 from segvoc.engine.builders import build_datamodule, build_task, build_trainer, class_weights_for
 from segvoc.engine.checkpoint import checkpoint_config, load_state, read_checkpoint
 from segvoc.engine.interrupts import PreemptionCheckpoint, RequeueRequested
@@ -145,6 +145,7 @@ def main(cfg: DictConfig) -> float | None:
             with open_dict(cfg):
                 cfg.resume = "auto"
         try:
+            check_values(cfg)  # as run_app does for a single run
             metrics = train(cfg)
         except InterruptedRun as exc:
             print(f"error: {exc}; sweep stopped", file=sys.stderr, flush=True)

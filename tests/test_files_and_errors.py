@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -152,8 +153,9 @@ def test_two_launches_in_one_second_get_their_own_directories(command, tmp_path)
     extra = ["ckpt=x"] + (["input=y"] if command == "predict" else [])
     first, second = (_run_dir(command, tmp_path, *extra) for _ in range(2))
     assert first.startswith(f"{tmp_path}/{command}/") and second.startswith(f"{tmp_path}/{command}/")
-    assert first != second
-    assert first.rsplit("_", 1)[1] != second.rsplit("_", 1)[1]  # distinct ids, not only a second that ticked
+    ids = [re.fullmatch(r"\d\d-\d\d-\d\d_([0-9a-f]{6})", Path(d).name) for d in (first, second)]
+    assert all(ids), (first, second)  # <time>_<run id>, as train's directories
+    assert ids[0].group(1) != ids[1].group(1)  # distinct ids, not only a second that ticked
 
 
 def test_export_temporary_names_are_unique(tmp_path, monkeypatch):
@@ -182,9 +184,8 @@ def test_export_temporary_names_are_unique(tmp_path, monkeypatch):
 def test_failed_sweep_job_counts_as_finished_once_it_runs_again(smoke_cfg, tmp_path):
     """A job that failed after writing last.ckpt (FAILED.json beside it) and is rerun (resume=auto) is no
     longer listed as failed."""
-    from segvoc.runs.sweep import FAILED_MARKER, summarize
-
     from segvoc.config import command_line_overrides
+    from segvoc.runs.sweep import FAILED_MARKER, summarize
 
     job = tmp_path / "sweep" / "0_fcn_baseline"
     cfg = smoke_cfg(f"paths.output_dir={job}", "trainer.max_epochs=1")
@@ -228,3 +229,160 @@ def test_tree_check_lists_every_problem_in_one_pass(voc_mini, tmp_path):
     assert "no JPEGImages/2007_000032.jpg (" in by_id["000032"][0] and ".png" not in by_id["000032"][0]
     assert "JPEGImages/2007_000033.jpg: " in by_id["000033"][0] and "[50]" in by_id["000042"][0]
     assert report["counts"][0] > 0  # the one good pair (2007_000039) was still counted
+
+
+@pytest.mark.parametrize(("typed", "key"), [
+    ("data.batch_size=0", "data.batch_size"), ("trainer.max_epochs=-1", "trainer.max_epochs"),
+    ("optimizer.lr=0", "optimizer.lr"), ("data.num_workers=-1", "data.num_workers"), ("data.subset=0", "data.subset"),
+    ("data.image_size=2.5", "data.image_size"),
+    ("+trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches"),
+    ("data.eval_batch_size=many", "data.eval_batch_size"), ("data.test_fraction=1", "data.test_fraction"),
+])
+def test_bad_numbers_are_one_line_exit_2_before_any_work(typed, key, smoke_cfg, tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:
+        run_app(train, smoke_cfg(f"paths.output_dir={out}", typed))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {key}=") and "must be" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_good_numbers_of_every_preset_and_command_pass(tmp_path):
+    """The checks accept every shipped configuration (they must not refuse what the project itself runs)."""
+    from segvoc.config import check_values, compose
+
+    presets = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+    for preset in presets:
+        for debug in ([], ["debug=smoke"], ["debug=overfit"]):
+            check_values(compose([f"experiment={preset}", f"paths.output_dir={tmp_path}", *debug]))
+    for extra in (["data.num_workers=auto", "data.eval_batch_size=auto", "trainer.max_epochs=null",
+                   "data.subset=null", "data.test_fraction=0", "+trainer.max_steps=-1", "optimizer.lr=1e-6"],):
+        check_values(compose([f"paths.output_dir={tmp_path}", *extra]))
+    check_values(compose(["ckpt=x", "input=y", f"paths.output_dir={tmp_path}"], config_name="predict"))
+    check_values(compose(["ckpt=x"], config_name="export"))
+    check_values(compose([f"paths.output_dir={tmp_path}"], config_name="check"))
+
+
+def test_evaluate_without_ckpt_is_one_line(tmp_path, capsys):
+    from segvoc.config import compose
+    from segvoc.evaluate import evaluate
+
+    with pytest.raises(SystemExit) as exc:
+        run_app(evaluate, compose([f"paths.output_dir={tmp_path}"], config_name="evaluate"))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: ckpt is required: add ckpt=<value> to the command (see the comment on ckpt in " \
+                  "conf/evaluate.yaml)"
+
+
+def test_deletion_overrides_are_applied_on_resume_or_refused(run_under_umask_027):
+    from segvoc.config import carry_overrides, compose
+    from segvoc.errors import ConfigError
+    from segvoc.runs.directory import resume_config
+
+    run = run_under_umask_027
+    stored = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]["cfg"]
+    assert "early_stopping" in stored["callbacks"]
+    typed = ["~callbacks.early_stopping"]
+    cfg = compose([f"resume={run}", f"paths.output_dir={run}", *typed])
+    assert "early_stopping" not in resume_config(cfg, typed).callbacks
+    typed = ["~loss.class_weights"]
+    with pytest.raises(ConfigError, match=r"^~loss.class_weights: loss.class_weights cannot change here"):
+        resume_config(compose([f"resume={run}", f"paths.output_dir={run}", *typed]), typed)
+    # evaluate carries the data.* keys typed with it onto the checkpoint's config in the same way
+    composed = compose([f"paths.output_dir={run}", "ckpt=x", "~data.md5"], config_name="evaluate")
+    carried = carry_overrides(OmegaConf.create(stored), composed, ("data",), "no", ["~data.md5"])
+    assert "md5" in stored["data"] and "md5" not in carried.data
+
+
+def _finished_sweep(sweep: Path, *common: str) -> dict[str, str]:
+    """A finished sweep of loss=ce,weighted_ce (and ``common``) as segvoc leaves it; returns its checksums."""
+    for num, loss in enumerate(("ce", "weighted_ce")):
+        job = sweep / f"{num}_fcn_baseline"
+        (job / ".hydra").mkdir(parents=True)
+        OmegaConf.save(OmegaConf.create([f"loss={loss}", *common]), job / ".hydra" / "overrides.yaml")
+        (job / "metrics.json").write_text(json.dumps({"val": {"miou": 0.5}, "test": {"miou": 0.5}}))
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    (sweep / "sweep_summary.json").write_text(json.dumps({"ok": ["0_fcn_baseline", "1_fcn_baseline"], "failed": {}}))
+    return _checksums(sweep)
+
+
+def _checksums(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
+def _multirun_config(*overrides: str):
+    from hydra.types import RunMode
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return GlobalHydra.instance().hydra.compose_config(
+            "train", list(overrides), run_mode=RunMode.MULTIRUN, with_log_configuration=False)
+
+
+def test_sweep_landing_on_another_sweeps_runs_is_refused_before_anything(tmp_path, capsys):
+    from segvoc.runs.sweep import SweepSummary
+
+    sweep = tmp_path / "sweep"
+    before = _finished_sweep(sweep)
+    with pytest.raises(SystemExit) as exc:
+        SweepSummary().on_multirun_start(_multirun_config("loss=ce,focal", f"hydra.sweep.dir={sweep}"))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {sweep}/1_fcn_baseline: holds a run launched with other overrides (now "
+                          "['loss=focal'], then ['loss=weighted_ce'])") and len(err.splitlines()) == 1
+    # the same sweep again, one that adds a job, and overwrite=true go ahead
+    SweepSummary().on_multirun_start(_multirun_config("loss=ce,weighted_ce", f"hydra.sweep.dir={sweep}"))
+    SweepSummary().on_multirun_start(_multirun_config("loss=ce,weighted_ce,focal", f"hydra.sweep.dir={sweep}"))
+    SweepSummary().on_multirun_start(_multirun_config("loss=ce,focal", "overwrite=true", f"hydra.sweep.dir={sweep}"))
+    assert _checksums(sweep) == before
+
+
+@pytest.mark.slow
+def test_refused_sweep_launch_changes_nothing_on_disk(tmp_path):
+    """The whole command: exit 2, one line, and every file of the finished sweep as it was."""
+    import subprocess
+    import sys
+
+    from segvoc.config import REPO_ROOT
+
+    sweep = tmp_path / "sweep"
+    common = [f"paths.output_root={tmp_path}/outputs", "data=synthetic", "debug=smoke"]
+    before = _finished_sweep(sweep, *common)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "segvoc.train", "-m", "loss=ce,focal", f"hydra.sweep.dir={sweep}",
+                           *common],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {sweep}/1_fcn_baseline: holds a run")
+    assert "Traceback" not in proc.stderr
+    assert _checksums(sweep) == before
+
+
+def test_compiled_model_trains_compiled_and_evaluates_eager(tmp_path):
+    """``perf.compile``: training steps go through Dynamo; full-resolution evaluation (many sizes) never does."""
+    from segvoc.config import compose
+    from segvoc.engine.builders import build_task
+
+    compiled: list[tuple] = []
+
+    def backend(gm, example_inputs):
+        compiled.append(tuple(example_inputs[0].shape) if example_inputs else ())
+        return gm.forward
+
+    task = build_task(compose(["model=fcn_baseline", f"paths.output_dir={tmp_path}"]), pretrained=False)
+    task.model.compile(backend=backend)  # in place, as perf.compile does (a counting backend instead of inductor)
+    task.eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for h, w in ((37, 53), (61, 45), (50, 50), (33, 71)):
+            out = task.predict_log_probs(torch.randint(0, 256, (1, 3, h, w), dtype=torch.uint8, generator=g))
+            assert out.shape == (1, 21, h, w)
+    assert compiled == []
+    task.train()
+    task(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=g))  # a training forward
+    assert len(compiled) >= 1

@@ -80,8 +80,12 @@ class SegmentationTask(pl.LightningModule):
 
     def predict_log_probs(self, images: torch.Tensor) -> torch.Tensor:
         """Class log-probabilities (N,C,H,W) for uint8 images under ``self.infer_cfg`` (``evaluation.inference.infer``):
-        whatever the TTA, the loss takes them as logits and their argmax is the prediction."""
-        return infer(self._logits, self.normalize(images), self.infer_cfg)
+        whatever the TTA, the loss takes them as logits and their argmax is the prediction.
+
+        Runs eager even when ``perf.compile`` compiled the model: full-resolution images come in many sizes, and
+        each new size would recompile until Dynamo's limit, then silently fall back (conf/perf/default.yaml)."""
+        with torch.compiler.set_stance("force_eager"):
+            return infer(self._logits, self.normalize(images), self.infer_cfg)
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         # dropout & co. draw from a generator seeded by (seed, step): a resumed run replays them exactly

@@ -75,6 +75,11 @@ def _what_to_train(overrides: list[str]) -> set[str]:
     return {o for o in overrides if _key(o).split(".")[0] not in ("hydra", "resume", "overwrite")}
 
 
+def launch_differences(now: list[str], then: list[str]) -> tuple[list[str], list[str]]:
+    """The overrides that change what is trained, typed ``now`` and not ``then`` (added) and the reverse."""
+    return sorted(_what_to_train(now) - _what_to_train(then)), sorted(_what_to_train(then) - _what_to_train(now))
+
+
 def holds_run(run_dir: Path) -> bool:
     """Whether ``run_dir`` already holds a training run's checkpoints or scores."""
     return (run_dir / "metrics.json").is_file() or any((run_dir / "checkpoints").glob("*.ckpt"))
@@ -112,11 +117,10 @@ def auto_resume(cfg: DictConfig, overrides: list[str]) -> AutoResume:
     finished = (out / "metrics.json").is_file()
     last = out / "checkpoints" / "last.ckpt"
     if before is not None and (finished or last.is_file()):
-        added = _what_to_train(overrides) - _what_to_train(before)
-        removed = _what_to_train(before) - _what_to_train(overrides)
+        added, removed = launch_differences(overrides, before)
         if added or removed:
-            raise ConfigError(f"{out}: holds a run launched with other overrides (now {sorted(added)}, then "
-                              f"{sorted(removed)}); use another hydra.sweep.dir / hydra.run.dir, or overwrite=true")
+            raise ConfigError(f"{out}: holds a run launched with other overrides (now {added}, then "
+                              f"{removed}); use another hydra.sweep.dir / hydra.run.dir, or overwrite=true")
     if finished:
         return AutoResume("finished", cfg, json.loads((out / "metrics.json").read_text()))
     if last.is_file():

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from segvoc.config import stored_overrides
+from segvoc.errors import ConfigError
+from segvoc.runs.directory import holds_run, launch_differences
 from segvoc.utils import write_json
 
 log = logging.getLogger("segvoc.runs.sweep")
@@ -51,9 +57,47 @@ def summarize(sweep_dir: Path) -> dict[str, Any]:
     return summary
 
 
+def refuse_conflicting_jobs(config: DictConfig) -> None:
+    """Before a basic sweep writes anything: a ``ConfigError`` when one of its jobs would land in a folder of
+    ``hydra.sweep.dir`` that holds a run (finished or with ``last.ckpt``) launched with other overrides, since that
+    job would be refused after Hydra had rewritten ``multirun.yaml`` and the job's folder. Re-running the same
+    sweep (or one that adds jobs) passes; so does ``overwrite=true``. Optuna and other sweepers pick their jobs
+    as they go and are not checked here (each job still refuses on its own)."""
+    sweep_dir = Path(config.hydra.sweep.dir)
+    sweeper = str(config.hydra.sweeper.get("_target_", ""))
+    subdir = OmegaConf.to_container(config.hydra.sweep, resolve=False)["subdir"]
+    if not sweep_dir.is_dir() or not sweeper.endswith("BasicSweeper") or not str(subdir).startswith(
+            "${hydra.job.num}_"):
+        return
+    typed = [str(o) for o in config.hydra.overrides.task]
+    if any(o.split("=")[0].lstrip("+") == "overwrite" and o.split("=", 1)[1].lower() == "true" for o in typed):
+        return
+    try:
+        jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(typed), None)[0]
+    except Exception:  # noqa: BLE001 - sweeps the plain parser cannot expand (glob) are checked per job
+        return
+    for num, job in enumerate(jobs):
+        for folder in sweep_dir.glob(f"{num}_*"):
+            before = stored_overrides(folder)
+            if before is None or not holds_run(folder):
+                continue
+            added, removed = launch_differences(list(job), before)
+            if added or removed:
+                raise ConfigError(f"{folder}: holds a run launched with other overrides (now {added}, then "
+                                  f"{removed}); sweep into another hydra.sweep.dir (nothing was changed), or "
+                                  "overwrite=true")
+
+
 class SweepSummary(Callback):
-    """Hydra callback: after a multirun, print which jobs finished and which failed (and why); exit code 1 when
-    any job failed."""
+    """Hydra callback: before a multirun, refuse one that would land on another sweep's runs (nothing written);
+    after it, print which jobs finished and which failed (and why); exit code 1 when any job failed."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            refuse_conflicting_jobs(config)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
