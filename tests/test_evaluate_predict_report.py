@@ -45,6 +45,23 @@ def test_evaluate_reproduces_training_test_metrics_exactly(trained_run, tmp_path
     assert "aeroplane" in table and "mIoU" in table
 
 
+def test_evaluate_scores_a_bf16_run_as_it_was_trained(tmp_path, synthetic_root, monkeypatch):
+    """A bf16-mixed run (CPU autocast) is scored in bf16 by evaluate: the test scores of training's metrics.json,
+    exactly; typing trainer.precision=32-true scores it in fp32, which gives another loss."""
+    import segvoc.evaluate as evaluate_module
+    from tests.conftest import make_cfg
+
+    run = tmp_path / "run"
+    train(make_cfg(run, "data=synthetic", "debug=smoke", "data.synthetic=null", "data.subset=6",
+                   "trainer.max_epochs=1", "trainer.accelerator=cpu", "trainer.precision=bf16-mixed",
+                   data_root=synthetic_root))
+    expected = json.loads((run / "metrics.json").read_text())["test"]
+    assert _eval(run, tmp_path / "bf16")["test"] == expected
+    monkeypatch.setattr(evaluate_module, "command_line_overrides", lambda: ["trainer.precision=32-true"])
+    fp32 = _eval(run, tmp_path / "fp32", "trainer.precision=32-true")["test"]
+    assert fp32["loss"] != pytest.approx(expected["loss"], abs=1e-7)  # bf16 and fp32 differ: the carry matters
+
+
 def test_evaluate_val_split_and_flip_tta_run(trained_run, tmp_path):
     val = _eval(trained_run, tmp_path / "v", "split=val")["val"]
     assert val == json.loads((trained_run / "metrics.json").read_text())["val"]
