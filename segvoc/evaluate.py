@@ -46,6 +46,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if any(o.lstrip("+").startswith(("data.root=", "data=")) for o in typed):
         with open_dict(run_cfg):
             run_cfg.data.synthetic = None  # score the given tree as it is, never regenerate it
+    if not exported:
+        carry_precision(cfg, run_cfg, typed)
     dm = build_datamodule(run_cfg)
     dm.prepare_data()
     dm.setup("test")
@@ -61,6 +63,18 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         log.info("%s mIoU %.4f pixel acc %.4f -> %s", cfg.split, metrics[cfg.split]["miou"],
                  metrics[cfg.split]["pixel_acc"], out)
     return metrics
+
+
+def carry_precision(cfg: DictConfig, run_cfg: DictConfig, typed: list[str]) -> None:
+    """Score as the run trained: its ``trainer.precision`` (a bf16-mixed run scored in fp32 cannot reproduce its
+    own test scores), unless ``trainer.precision=`` was typed."""
+    stored = OmegaConf.select(run_cfg, "trainer.precision")
+    if stored is None or any(o.lstrip("+").startswith("trainer.precision=") for o in typed):
+        return
+    if str(stored) != str(cfg.trainer.precision):
+        log.info("trainer.precision=%s, as the run was trained (type trainer.precision= to change it)", stored)
+    with open_dict(cfg):
+        cfg.trainer.precision = stored
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")

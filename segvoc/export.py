@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from segvoc import config as _config  # noqa: F401  (registers resolvers)
 from segvoc.app import run_app
+from segvoc.config import choice
 from segvoc.deploy.exported import export_format
 from segvoc.deploy.exporting import FORMATS, ParityCheck, export, export_metadata
 from segvoc.engine.builders import load_task
@@ -42,6 +43,14 @@ def export_section(path: Path, fmt: str, returns: str, opset: int, parity: Parit
             f"{parity.max_abs_diff:.3g}, argmax agreement {parity.argmax_agreement:.6f}\n")
 
 
+def parity_tolerance(cfg: DictConfig, model: str | None) -> dict[str, float]:
+    """``conf/export.yaml``'s ``parity``: the report models' tolerance, or a reference model's looser one."""
+    parity = cfg.parity
+    looser = (parity.get("references") or {}).get(model) if model else None
+    return {"max_abs_diff": float(looser if looser is not None else parity.max_abs_diff),
+            "min_agreement": float(parity.min_agreement)}
+
+
 def export_model(cfg: DictConfig) -> Path:
     """Export ``cfg.ckpt``; returns the written file."""
     if cfg.format not in FORMATS:
@@ -56,7 +65,8 @@ def export_model(cfg: DictConfig) -> Path:
                           "predict tell formats apart by it)")
     task, _ = load_task(ckpt)
     meta = export_metadata(task, ckpt, read_checkpoint(ckpt).get("epoch"))
-    parity = export(task, output, cfg.format, meta, returns=cfg.returns, opset=int(cfg.opset))
+    tolerance = parity_tolerance(cfg, choice(task.hparams.get("cfg") or {}, "model"))
+    parity = export(task, output, cfg.format, meta, returns=cfg.returns, opset=int(cfg.opset), **tolerance)
     section = export_section(output, cfg.format, cfg.returns, int(cfg.opset), parity)
     card = run_dir / CARD_NAME
     text = card.read_text() if card.is_file() else f"# Model card\n\n(no {CARD_NAME} in {run_dir})\n"

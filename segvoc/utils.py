@@ -53,9 +53,9 @@ def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = F
 
 
 def temp_beside(path: Path) -> Path:
-    """A temporary file name beside ``path``, unique to this call (two exports to one file never share it);
-    the caller creates the file (with the umask's mode), renames it over ``path``, or removes it."""
-    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    """A temporary file name beside ``path``, with its suffix, unique to this call (two exports to one file never
+    share it); the caller creates the file (with the umask's mode), renames it over ``path``, or removes it."""
+    return path.with_name(f".{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -45,6 +45,23 @@ def test_evaluate_reproduces_training_test_metrics_exactly(trained_run, tmp_path
     assert "aeroplane" in table and "mIoU" in table
 
 
+def test_evaluate_scores_a_bf16_run_as_it_was_trained(tmp_path, synthetic_root, monkeypatch):
+    """A bf16-mixed run (CPU autocast) is scored in bf16 by evaluate: the test scores of training's metrics.json,
+    exactly; typing trainer.precision=32-true scores it in fp32, which gives another loss."""
+    import segvoc.evaluate as evaluate_module
+    from tests.conftest import make_cfg
+
+    run = tmp_path / "run"
+    train(make_cfg(run, "data=synthetic", "debug=smoke", "data.synthetic=null", "data.subset=6",
+                   "trainer.max_epochs=1", "trainer.accelerator=cpu", "trainer.precision=bf16-mixed",
+                   data_root=synthetic_root))
+    expected = json.loads((run / "metrics.json").read_text())["test"]
+    assert _eval(run, tmp_path / "bf16")["test"] == expected
+    monkeypatch.setattr(evaluate_module, "command_line_overrides", lambda: ["trainer.precision=32-true"])
+    fp32 = _eval(run, tmp_path / "fp32", "trainer.precision=32-true")["test"]
+    assert fp32["loss"] != pytest.approx(expected["loss"], abs=1e-7)  # bf16 and fp32 differ: the carry matters
+
+
 def test_evaluate_val_split_and_flip_tta_run(trained_run, tmp_path):
     val = _eval(trained_run, tmp_path / "v", "split=val")["val"]
     assert val == json.loads((trained_run / "metrics.json").read_text())["val"]
@@ -56,11 +73,17 @@ def test_evaluate_val_split_and_flip_tta_run(trained_run, tmp_path):
 
 
 def _flip_miou_by_hand(run: Path) -> float:
-    """Test mIoU of the run's best model with the flip average computed here: softmax of the image's logits and of
-    the mirrored image's mirrored logits, averaged; confusion matrix in numpy."""
+    return _tta_miou_by_hand(run, "flip")
+
+
+def _tta_miou_by_hand(run: Path, tta: str) -> float:
+    """Test mIoU of the run's best model with the flip (or ms_flip) average computed here: softmax of the image's
+    logits and of the mirrored image's mirrored logits (at each scale, resized back), averaged; confusion matrix
+    in numpy."""
     from segvoc.engine.builders import load_task
 
-    task, cfg = load_task(run / "checkpoints" / "best.ckpt", InferenceConfig.defaults(tta="flip"))
+    task, cfg = load_task(run / "checkpoints" / "best.ckpt", InferenceConfig.defaults(tta=tta))
+    scales = tuple(task.infer_cfg.scales) if tta == "ms_flip" else (1.0,)
     voc = Path(cfg.data.root) / "VOCdevkit" / "VOC2012"
     cm = np.zeros((21, 21), np.int64)
     for i in (run / "splits" / "test.txt").read_text().split():
@@ -68,7 +91,7 @@ def _flip_miou_by_hand(run: Path) -> float:
         image = image.permute(2, 0, 1)[None]
         x = task.normalize(image)
         with torch.no_grad():
-            p = (task.model(x).softmax(1) + task.model(x.flip(-1)).flip(-1).softmax(1)) / 2
+            p = _ms_flip_by_hand(task.model, x, scales)
             assert torch.allclose(task.predict_log_probs(image).exp(), p, atol=1e-6)  # the probabilities themselves
         pred = p.argmax(1)[0].numpy()
         gt = np.asarray(Image.open(voc / "SegmentationClass" / f"{i}.png")).astype(np.int64)
@@ -190,6 +213,36 @@ def test_ms_flip_averages_six_passes_at_three_scales():
     assert torch.equal(only_full, infer(constant, x, InferenceConfig.defaults(tta="flip")))
 
 
+def _ms_flip_by_hand(net, x: torch.Tensor, scales: tuple[float, ...], unflip: bool = True) -> torch.Tensor:
+    """Softmax averaged over scales x (image, mirrored image); ``unflip=False``: the mirrored pass's logits left
+    mirrored (the bug a constant model cannot see)."""
+    import torch.nn.functional as F
+
+    h, w = x.shape[-2:]
+    total = 0
+    for s in scales:
+        xs = F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False) if s != 1 else x
+        for logits in (net(xs), net(xs.flip(-1)).flip(-1) if unflip else net(xs.flip(-1))):
+            total = total + F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False).softmax(1)
+    return total / (2 * len(scales))
+
+
+def test_ms_flip_mirrors_each_rescaled_pass_back():
+    """With a model that is not mirror-symmetric, every rescaled mirrored pass must be mirrored back: the result
+    equals the hand computation and differs from the one that forgets to."""
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(3, 21, (1, 5), padding=(0, 2))
+    x = torch.randn(1, 3, 20, 28) + torch.linspace(-2, 2, 28)  # a left-right gradient: mirroring matters
+    scales = (0.5, 1.0, 1.5)
+    with torch.no_grad():
+        probs = infer(net, x, InferenceConfig.defaults(tta="ms_flip", scales=scales)).exp()
+        assert torch.allclose(probs, _ms_flip_by_hand(net, x, scales), atol=1e-6)
+        assert not torch.allclose(probs, _ms_flip_by_hand(net, x, scales, unflip=False), atol=1e-3)
+        # one wrongly mirrored rescaled pass (not the full-scale one) is caught too
+        wrong = (_ms_flip_by_hand(net, x, (1.0,)) * 2 + _ms_flip_by_hand(net, x, (0.5, 1.5), unflip=False) * 4) / 6
+        assert not torch.allclose(probs, wrong, atol=1e-3)
+
+
 def test_evaluate_slide_and_ms_flip_on_non_square_images(trained_run, tmp_path):
     """Synthetic images are 80x60: a window smaller than both sides, one larger than the image, and ms_flip."""
     whole = json.loads((trained_run / "metrics.json").read_text())["test"]
@@ -199,6 +252,7 @@ def test_evaluate_slide_and_ms_flip_on_non_square_images(trained_run, tmp_path):
     ms = _eval(trained_run, tmp_path / "ms", "tta=ms_flip")["test"]
     for scores in (small, ms):
         assert 0 < scores["miou"] <= 1 and 0 < scores["pixel_acc"] <= 1
+    assert ms["miou"] == pytest.approx(_tta_miou_by_hand(trained_run, "ms_flip"), abs=1e-12)
 
 
 def test_predict_slide_masks_have_the_image_size(trained_run, tmp_path):

@@ -37,6 +37,25 @@ def test_cross_entropy_by_hand():
     assert CrossEntropy(C, weight=w)(logits, target).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_deterministic_cross_entropy_equals_the_fused_mean(weighted):
+    """trainer=gpu_exact on CUDA: F.cross_entropy's mean (nll_loss2d, atomicAdd) raises in deterministic mode, so
+    the per-pixel losses are summed instead; the same value and gradient (checked on the CPU, where both run)."""
+    from segvoc.losses.segmentation import cross_entropy
+
+    logits, target = _batch()
+    w = torch.tensor([0.5, 2.0, 3.0, 0.0]) if weighted else None
+    values, grads = [], []
+    for deterministic in (False, True):
+        x = logits.clone().requires_grad_(True)
+        loss = cross_entropy(x, target, w, 255, deterministic=deterministic)
+        loss.backward()
+        values.append(loss.detach())
+        grads.append(x.grad)
+    assert torch.allclose(values[0], values[1], rtol=1e-6, atol=0) and torch.allclose(grads[0], grads[1], atol=1e-7)
+    assert values[0] > 0 and grads[0].abs().sum() > 0
+
+
 def test_focal_by_hand_and_gamma_zero_is_cross_entropy():
     logits, target = _batch()
     p, y = _valid(logits, target)

@@ -174,6 +174,29 @@ def test_cached_features_train_the_decoder_without_re_encoding():
     assert calls == [1]  # only the new image is encoded
 
 
+# modules whose CUDA backward raises under torch.use_deterministic_algorithms (PyTorch's documented list)
+NO_DETERMINISTIC_BACKWARD = (nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d, nn.AvgPool3d,
+                             nn.FractionalMaxPool2d, nn.MaxUnpool2d, nn.ReflectionPad2d, nn.Upsample)
+
+
+@pytest.mark.parametrize("model", ["fcn_baseline", "fcn_dilated", "fcn_dilated model.global_context=true",
+                                   "fcn_dilated model.skip_connections=true", "resnet34_transfer", "unet"])
+def test_report_models_have_no_module_that_raises_under_gpu_exact(model):
+    """The report models train with trainer=gpu_exact: no module PyTorch lists as without a deterministic CUDA
+    backward (5a's global context pools with a mean, the same values as AdaptiveAvgPool2d(1))."""
+    from segvoc.config import compose
+    from segvoc.engine.builders import build_model
+    from segvoc.models.base import GlobalAvgPool
+
+    name, *options = model.split()
+    net = build_model(compose([f"model={name}", *options]).model, 21, pretrained=False)
+    trained = [m for name, m in net.named_modules() if not name.startswith("encoder")] \
+        if getattr(net, "freeze_encoder", False) else list(net.modules())
+    assert not [type(m).__name__ for m in trained if isinstance(m, NO_DETERMINISTIC_BACKWARD)]
+    x = torch.randn(2, 7, 5, 9)
+    assert torch.allclose(GlobalAvgPool()(x), nn.AdaptiveAvgPool2d(1)(x), atol=1e-6)
+
+
 def test_cached_features_need_a_frozen_encoder():
     from segvoc.engine.feature_cache import FeatureCache
     from segvoc.errors import ConfigError

@@ -127,14 +127,26 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(smoke_cfg, tmp_
 
     step = SegmentationTask.training_step
 
+    nan_steps = []
+
     def nan_from_epoch_1(self, batch, batch_idx):  # a good first epoch (its checkpoint is saved), then NaN
-        loss = step(self, batch, batch_idx)
-        return loss * float("nan") if self.current_epoch >= 1 else loss
+        if self.current_epoch < 1:
+            return step(self, batch, batch_idx)
+        nan_steps.append(self.global_step)
+        loss_fn = type(self.criterion).forward
+        self.criterion.forward = lambda logits, mask: loss_fn(self.criterion, logits, mask) * float("nan")
+        try:  # the loss itself is NaN, where the task's tracker sees it
+            return step(self, batch, batch_idx)
+        finally:
+            del self.criterion.forward
 
     monkeypatch.setattr(SegmentationTask, "training_step", nan_from_epoch_1)
-    cfg = smoke_cfg("trainer.max_epochs=3", "trainer.log_every_n_steps=1")
-    with pytest.raises(NonFiniteLossError, match=r"NaN/inf at step \d+;"):
+    # log_every_n_steps=2: the check runs after the second NaN step, and must still name the first
+    cfg = smoke_cfg("trainer.max_epochs=3", "trainer.log_every_n_steps=2", "data.batch_size=2")
+    with pytest.raises(NonFiniteLossError) as err:
         train(cfg)
+    assert nan_steps[:2] == [4, 5]  # 8 training images, batch 2: epoch 0 is steps 0-3
+    assert f"NaN/inf at step {nan_steps[0]};" in str(err.value)
     assert not (tmp_path / "metrics.json").exists()
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["epoch"] == 0, last["global_step"]  # the last good checkpoint, not overwritten

@@ -270,7 +270,7 @@ def test_overfitted_real_images_score_at_evaluation_what_they_scored_in_training
     assert metrics["val"]["pixel_acc"] > 0.97 and metrics["test"]["pixel_acc"] > 0.97, metrics
 
 
-@pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "ddp_cpu", "default"])
+@pytest.mark.parametrize("trainer", ["cpu", "gpu", "gpu_exact", "ddp", "ddp_cpu", "default"])
 @pytest.mark.parametrize("experiment", ["4a_baseline", "5b_transfer", "ref_deeplabv3_resnet50"])
 def test_debug_smoke_composes_with_every_trainer_and_experiment(trainer, experiment, tmp_path):
     from segvoc.config import compose
@@ -280,6 +280,32 @@ def test_debug_smoke_composes_with_every_trainer_and_experiment(trainer, experim
     plain = compose([f"paths.output_dir={tmp_path}", f"trainer={trainer}", f"experiment={experiment}"])
     assert cfg.trainer.accelerator == plain.trainer.accelerator and cfg.trainer.get("strategy") == \
         plain.trainer.get("strategy") and cfg.choices.model == plain.choices.model
+
+
+def test_gpu_exact_trainer_turns_on_deterministic_algorithms(tmp_path, monkeypatch):
+    """trainer=gpu_exact: trainer=gpu (bf16) plus deterministic algorithms, cuDNN autotuning off and cuBLAS's fixed
+    workspace, all set when the Trainer is built (checked here with accelerator=cpu: no GPU on this machine)."""
+    from omegaconf import open_dict
+
+    from segvoc.config import compose
+    from segvoc.engine.builders import build_trainer
+
+    cfg = compose([f"paths.output_dir={tmp_path}", "trainer=gpu_exact", "logger=none"])
+    gpu = compose([f"paths.output_dir={tmp_path}", "trainer=gpu"])
+    assert (cfg.trainer.accelerator, cfg.trainer.precision) == (gpu.trainer.accelerator, gpu.trainer.precision)
+    assert cfg.trainer.deterministic is True and cfg.trainer.benchmark is False
+    assert gpu.trainer.deterministic is False and gpu.trainer.benchmark is None
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    with open_dict(cfg):
+        cfg.trainer.accelerator, cfg.trainer.precision = "cpu", "32-true"
+    try:
+        build_trainer(cfg)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.benchmark is False
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 @pytest.mark.slow

@@ -17,6 +17,24 @@ from torch import nn
 from segvoc.data.palette import IGNORE_INDEX
 
 
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int,
+                  deterministic: bool | None = None) -> torch.Tensor:
+    """``F.cross_entropy``'s (weighted) mean over non-ignored pixels.
+
+    ``deterministic`` (default: on CUDA while ``torch.use_deterministic_algorithms`` is on, as
+    ``trainer.deterministic=true`` sets it): per-pixel losses summed by an ordinary reduction, because the mean
+    inside ``F.cross_entropy`` (``nll_loss2d``) uses atomicAdd on CUDA and raises in deterministic mode."""
+    if deterministic is None:
+        deterministic = logits.is_cuda and torch.are_deterministic_algorithms_enabled()
+    if not deterministic:
+        return F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index)
+    per_pixel = F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index, reduction="none")
+    valid = target != ignore_index
+    if weight is None:
+        return per_pixel.sum() / valid.sum()
+    return per_pixel.sum() / (weight[torch.where(valid, target, 0)] * valid).sum()
+
+
 class SegmentationLoss(nn.Module):
     """Shared frame: class weights as a buffer (they travel in checkpoints), the auxiliary-head term, float32.
 
@@ -55,7 +73,7 @@ class CrossEntropy(SegmentationLoss):
     """Pixel-wise cross-entropy (weighted mean over non-ignored pixels when class weights are given)."""
 
     def pixel_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, target, weight=self.class_weight, ignore_index=self.ignore_index)
+        return cross_entropy(logits, target, self.class_weight, self.ignore_index)
 
 
 class Focal(SegmentationLoss):
@@ -140,8 +158,8 @@ class OHEMCrossEntropy(SegmentationLoss):
             kept = (valid.sum() - 1).clamp(min=0, max=self.min_kept * logits.shape[0])
             threshold = ranked.gather(0, kept.reshape(1)).squeeze(0).clamp_min(self.thresh)
             hard = valid & (prob < threshold)
-        return F.cross_entropy(logits, torch.where(hard, target, self.ignore_index), weight=self.class_weight,
-                               ignore_index=self.ignore_index)
+        return cross_entropy(logits, torch.where(hard, target, self.ignore_index), self.class_weight,
+                             self.ignore_index)
 
 
 class WeightedSum(SegmentationLoss):

@@ -29,6 +29,14 @@ class SegmentationModel(nn.Module):
         raise NotImplementedError
 
 
+class GlobalAvgPool(nn.Module):
+    """``nn.AdaptiveAvgPool2d(1)`` as a mean over H and W: the same values, but a backward pass that
+    ``torch.use_deterministic_algorithms`` allows on CUDA (adaptive average pooling's backward raises there)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((-2, -1), keepdim=True)
+
+
 def conv_act_bn(cin: int, cout: int, act: type[nn.Module] = nn.ReLU, stride: int = 2, dilation: int = 1,
                 transposed: bool = False) -> nn.Sequential:
     """The report's block: (Conv2d | ConvTranspose2d) k3 -> activation -> BatchNorm (report 3.1 order).

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from segvoc.models.base import SegmentationModel, conv_act_bn, xavier_init
+from segvoc.models.base import GlobalAvgPool, SegmentationModel, conv_act_bn, xavier_init
 
 
 class FCNDilated(SegmentationModel):
@@ -47,7 +47,7 @@ class FCNDilated(SegmentationModel):
             *[conv_act_bn(bottleneck_channels, bottleneck_channels, act=act, stride=1, dilation=d) for d in dilations]
         )
         self.context = (
-            nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(bottleneck_channels, bottleneck_channels, 1), act())
+            nn.Sequential(GlobalAvgPool(), nn.Conv2d(bottleneck_channels, bottleneck_channels, 1), act())
             if global_context else None
         )
         dec_in = [bottleneck_channels, *decoder_channels[:-1]]
