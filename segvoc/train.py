@@ -30,6 +30,7 @@ from segvoc.engine.interrupts import PreemptionCheckpoint, RequeueRequested
 from segvoc.errors import ConfigError, InterruptedRun
 from segvoc.runs.directory import (
     auto_resume,
+    check_resume_position,
     clear_run,
     ensure_writable,
     holds_run,
@@ -77,15 +78,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(int(cfg.seed), workers=True)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
     dm = build_datamodule(cfg, split_dir=out / "splits")
-    dm.prepare_data()
-    dm.setup("fit")
-    weights = class_weights_for(cfg, dm)
+    # Lightning calls dm.prepare_data() on local rank 0 of each node (then a barrier) inside fit; only the class
+    # weights need the training masks before that (every rank counts them; downloads are serialised by a lock)
+    weights = class_weights_for(cfg, dm, prepare=True)
     if weights is not None:
         write_json(out / "class_weights.json", asdict(weights))
     task = build_task(cfg, class_weights=weights)
     purge_step = None
     if ckpt_path:
         load_state(task, ckpt["state_dict"], ckpt_path, checkpoint_config(ckpt), check_only=True)
+        check_resume_position(cfg, ckpt, ckpt_path)
         purge_step = int(ckpt.get("global_step", 0)) or None
     trainer = build_trainer(cfg, purge_step=purge_step)
     started = time.perf_counter()
@@ -95,9 +97,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         preempt = next((c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)), None)
         if preempt is None or not preempt.interrupted:
             raise
-        if isinstance(exc, RequeueRequested):
+        if preempt.nonfinite_step is not None:
+            task.check_finite()  # NonFiniteLossError naming the step; the last good last.ckpt was kept
+        if isinstance(exc, RequeueRequested) and trainer.is_global_zero:
             preempt.requeue()  # submitit requeues this job and exits; the requeued job resumes (resume=auto)
-        signame = "SIGTERM" if isinstance(exc, SIGTERMException) else "Ctrl-C"
+        signame = ("the requeue signal (SIGUSR2)" if isinstance(exc, RequeueRequested)
+                   else "SIGTERM" if isinstance(exc, SIGTERMException) else "Ctrl-C")
         raise InterruptedRun(f"{out}: stopped by {signame} at step {trainer.global_step}; "
                              f"resume with: python -m segvoc.train resume={out}") from None
 

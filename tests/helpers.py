@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -13,10 +16,15 @@ class SignalAt(pl.Callback):
     """Send ``sig`` to this very process once, at a chosen place: after training step ``step`` (``where=train``),
     or during the first validation batch after it (``where=val``). A real signal through the real handlers, at a
     point a test can name instead of guessing it with a sleep. Only in a run started afresh, and with ``job`` set,
-    only in that job of a sweep."""
+    only in that job of a sweep. Under DDP: with ``rank`` set only that rank sends; ``group=true`` sends to the
+    whole process group (every rank) instead of this process alone; ``stamp``: a file to write the sending time to;
+    ``batch``: only after that batch index of the epoch (with gradient accumulation several batches share a step)."""
 
-    def __init__(self, step: int, sig: int = signal.SIGTERM, where: str = "train", job: int | None = None) -> None:
+    def __init__(self, step: int, sig: int = signal.SIGTERM, where: str = "train", job: int | None = None,
+                 rank: int | None = None, group: bool = False, stamp: str | None = None,
+                 batch: int | None = None) -> None:
         self.step, self.sig, self.where, self.job = step, int(sig), where, job
+        self.rank, self.group, self.stamp, self.batch = rank, group, stamp, batch
         self.sent = False
 
     def _this_job(self) -> bool:
@@ -25,14 +33,64 @@ class SignalAt(pl.Callback):
         return self.job is None or int(HydraConfig.get().job.num) == self.job
 
     def _send(self, trainer: pl.Trainer) -> None:
+        if self.rank is not None and trainer.global_rank != self.rank:
+            return
         if not self.sent and not trainer.ckpt_path and self._this_job():  # never in a resumed run
             self.sent = True
-            os.kill(os.getpid(), self.sig)
+            if self.stamp:  # when it was sent (time.time()), for a test that bounds the time to stop
+                Path(self.stamp).write_text(repr(time.time()))
+            if self.group:  # the whole process group, as Ctrl-C in a terminal or a scheduler's signal to the job
+                os.killpg(os.getpgid(0), self.sig)
+            else:
+                os.kill(os.getpid(), self.sig)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if self.where == "train" and trainer.global_step == self.step:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.where == "train" and trainer.global_step == self.step and self.batch in (None, batch_idx):
             self._send(trainer)
 
     def on_validation_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         if self.where == "val" and not trainer.sanity_checking and trainer.global_step >= self.step:
             self._send(trainer)
+
+
+class SubmititRequeueStub(pl.Callback):
+    """Installs submitit's own ``SignalHandler.checkpoint_and_try_requeue`` for SIGUSR2, as a submitit job does,
+    with a job environment whose ``_requeue`` appends ``rank <global rank>`` to the file ``record`` and returns
+    (instead of calling ``scontrol``). For DDP runs, where Lightning's subprocess launcher starts the other ranks
+    as plain processes that submitit's local launcher cannot wrap. The environment claims global rank 0 on every
+    rank, so submitit's own "only rank 0 requeues" filter does not hide a call made on another rank."""
+
+    def __init__(self, record: str) -> None:
+        self.record = record
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        import signal as _signal
+        from types import SimpleNamespace
+
+        from submitit.core.job_environment import SignalHandler
+
+        record, rank = Path(self.record), trainer.global_rank
+
+        def requeue(countdown: int) -> None:
+            with open(record, "a") as f:
+                f.write(f"rank {rank}\n")
+            print(f"requeue stub called on rank {rank}", file=sys.stderr, flush=True)
+
+        env = SimpleNamespace(global_rank=0, _requeue=requeue)
+        delayed = SimpleNamespace(_timeout_min=600, _timeout_countdown=3, function=print)
+        handler = SignalHandler(env, SimpleNamespace(), delayed)  # type: ignore[arg-type]
+        _signal.signal(_signal.SIGUSR2, handler.checkpoint_and_try_requeue)
+
+
+class RecordSeeds(pl.Callback):
+    """Appends ``epoch batch_idx rank seed`` to the file ``path`` after each training batch: the seed the task gave
+    the global generator (dropout's) for that batch."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        import torch
+
+        with open(self.path, "a") as f:
+            f.write(f"{trainer.current_epoch} {batch_idx} {trainer.global_rank} {torch.initial_seed()}\n")

@@ -6,8 +6,11 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
+import subprocess
+import sys
 import tarfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +95,7 @@ class _Server:
     def __init__(self, directory: Path) -> None:
         self.requests: list[str] = []
         self.cut = False
+        self.slow = False  # send each file in 8 pieces over about 2 s
         server = self
 
         class Handler(http.server.SimpleHTTPRequestHandler):
@@ -106,6 +110,17 @@ class _Server:
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
                     self.wfile.write(data[: len(data) // 3])  # then the connection closes
+                    return
+                if server.slow:
+                    data = (directory / self.path.lstrip("/")).read_bytes()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    piece = -(-len(data) // 8)
+                    for k in range(0, len(data), piece):
+                        self.wfile.write(data[k:k + piece])
+                        self.wfile.flush()
+                        time.sleep(0.25)
                     return
                 super().do_GET()
 
@@ -248,3 +263,31 @@ def test_prepare_cli_and_train_download_use_the_same_code(tmp_path, server, arch
     assert r.returncode == 0, r.stderr[-2000:]
     assert server.requests == []  # the prepared tree is complete: training downloads nothing
     assert (tmp_path / "run" / "splits" / "train.txt").read_text().split() == EXPECTED_TRAIN_AUG
+
+
+def test_two_launches_sharing_a_data_root_download_once(tmp_path, server, archives):
+    """Two processes (two ranks under srun, or two users) prepare the same data root at the same moment: the file
+    lock makes the second wait and then find the tree done, instead of writing into the same ``.part`` file."""
+    from segvoc.data.tree_check import check_tree
+
+    urls, md5 = _sources(server, archives)
+    server.slow = True  # a download that takes ~2 s: both processes are inside it together without the lock
+    root, go = tmp_path / "data", tmp_path / "go"
+    script = ("import sys, time, pathlib; from segvoc.data.fetch import prepare_tree\n"
+              "pathlib.Path(sys.argv[1]).write_text('ready')\n"
+              "while not pathlib.Path(sys.argv[2]).exists(): time.sleep(0.01)\n"
+              f"prepare_tree({str(root)!r}, {urls!r}, {md5!r}, 'train')\n")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / f"ready{k}"), str(go)],
+                              stderr=subprocess.PIPE, text=True) for k in range(2)]
+    deadline = time.time() + 120
+    while not all((tmp_path / f"ready{k}").exists() for k in range(2)):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), "a process died before starting"
+        time.sleep(0.05)
+    go.write_text("go")  # both start preparing at once
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    assert server.requests == ["/VOCtrainval_11-May-2012.tar"]  # one download; the other launch found it done
+    archive = root / "archives" / "VOCtrainval_11-May-2012.tar"
+    assert hashlib.md5(archive.read_bytes()).hexdigest() == archives["md5"]["voc"]
+    assert not list((root / "archives").glob("*.part"))
+    assert check_tree(root / "VOCdevkit" / "VOC2012", "train")["problems"] == []

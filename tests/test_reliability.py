@@ -295,3 +295,112 @@ def test_resume_auto_starts_skips_resumes_and_refuses_another_runs_dir(smoke_cfg
     stamp = (tmp_path / "metrics.json").stat().st_mtime_ns
     assert train(smoke_cfg("overwrite=true"))["test"] == first["test"]  # starts again from scratch, same result
     assert (tmp_path / "metrics.json").stat().st_mtime_ns > stamp
+
+
+def test_sigterm_after_a_nan_step_keeps_the_last_good_checkpoint(smoke_cfg, tmp_path, monkeypatch):
+    """A SIGTERM between a NaN step and the next finiteness check must not save the NaN weights over the last good
+    last.ckpt: the run stops with the NaN error naming the step, and last.ckpt stays the finite epoch-0 one."""
+    from segvoc.engine.task import SegmentationTask
+    from segvoc.errors import NonFiniteLossError
+    from segvoc.train import train
+
+    step = SegmentationTask.training_step
+
+    def nan_from_epoch_1(self, batch, batch_idx):
+        loss = step(self, batch, batch_idx)
+        return loss * float("nan") if self.current_epoch >= 1 else loss
+
+    monkeypatch.setattr(SegmentationTask, "training_step", nan_from_epoch_1)
+    # 4 batches per epoch. Step 4 returns NaN (after the task's own check saw a finite loss), so the weights turn
+    # NaN and step 5's loss is NaN: the tracker's step. SIGTERM after step 5 (batch 2 of 4 of epoch 1: mid-epoch,
+    # where a checkpoint would be saved); log_every_n_steps=50: no finiteness check before it.
+    cfg = smoke_cfg("trainer.max_epochs=3", "trainer.log_every_n_steps=50", "data.batch_size=2",
+                    "+callbacks.signal_at._target_=tests.helpers.SignalAt", "+callbacks.signal_at.step=6")
+    with pytest.raises(NonFiniteLossError, match=r"NaN/inf at step 5;"):
+        train(cfg)
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 0 and last["global_step"] == 4, (last["epoch"], last["global_step"])
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+
+
+def _seeds(path: Path) -> dict[tuple[int, int, int], int]:
+    rows = [tuple(int(x) for x in line.split()) for line in path.read_text().splitlines()]
+    return {(e, b, r): s for e, b, r, s in rows}
+
+
+@pytest.mark.slow
+def test_interrupt_inside_an_accumulation_window_stops_at_its_end_and_resumes_exactly(smoke_cfg, tmp_path):
+    """accumulate_grad_batches=2, SIGTERM after the first micro-batch of a window: the run trains the window's
+    second micro-batch and stops at the optimizer step (the accumulated gradient is not thrown away), and the
+    resumed run ends as the uninterrupted one. Every micro-batch draws its own dropout seed, the same on resume.
+    Resuming that mid-epoch checkpoint with another accumulation or world size is refused with one line."""
+    from segvoc.errors import ConfigError, InterruptedRun
+    from segvoc.runs.directory import check_resume_position
+    from segvoc.train import train
+
+    common = ("model=fcn_dilated", "model.bottleneck_channels=16", "model.decoder_channels=[16,16,16,16,16]",
+              "data.batch_size=1", "trainer.accumulate_grad_batches=2", "logger=none")
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    train(smoke_cfg(*common, f"paths.output_dir={ref_dir}", "+callbacks.seeds._target_=tests.helpers.RecordSeeds",
+                          f"+callbacks.seeds.path={tmp_path / 'ref_seeds'}"))
+    ref_seeds = _seeds(tmp_path / "ref_seeds")
+    assert len(ref_seeds) == 16 and len(set(ref_seeds.values())) == 16  # 2 epochs x 8 micro-batches, all distinct
+    # 8 batches per epoch = 4 optimizer steps; after batch 2 of epoch 1 (window [2, 3]) global_step is 5
+    interrupted = (*common, f"paths.output_dir={run_dir}", "+callbacks.seeds._target_=tests.helpers.RecordSeeds",
+                   f"+callbacks.seeds.path={tmp_path / 'run_seeds'}",
+                   "+callbacks.signal_at._target_=tests.helpers.SignalAt", "+callbacks.signal_at.step=5",
+                   "+callbacks.signal_at.batch=2")
+    with pytest.raises(InterruptedRun):
+        train(smoke_cfg(*interrupted))
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    position = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert (ckpt["global_step"], position) == (6, {"epoch": 1, "batches": 4})  # the window's end, not batch 3
+    last = run_dir / "checkpoints" / "last.ckpt"
+    for key, value in (("trainer.accumulate_grad_batches", 1), ("trainer.devices", 2), ("trainer.num_nodes", 2)):
+        with pytest.raises(ConfigError, match=rf"^{key}={value}: .*last\.ckpt was saved in the middle of epoch 1 "
+                                              rf"\(batch 4\) with {key}=\S+.*resume with {key}="):
+            check_resume_position(smoke_cfg(*common, f"{key}={value}"), ckpt, last)
+    check_resume_position(smoke_cfg(*common), ckpt, last)  # the same settings: fine
+    epoch_end = torch.load(ref_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    check_resume_position(smoke_cfg(*common, "trainer.accumulate_grad_batches=1"), epoch_end, last)  # epoch end: fine
+    train(smoke_cfg(*interrupted, "resume=auto"))  # continues the unfinished run (SignalAt never fires on resume)
+    assert json.loads((run_dir / "metrics.json").read_text()) == json.loads((ref_dir / "metrics.json").read_text())
+    a, b = (torch.load(d / "checkpoints" / "last.ckpt", weights_only=True) for d in (ref_dir, run_dir))
+    assert a["global_step"] == b["global_step"] == 8
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert _seeds(tmp_path / "run_seeds") == ref_seeds  # before the stop and after the resume: the same seeds
+
+
+def test_prepare_data_runs_only_where_lightning_calls_it(smoke_cfg, tmp_path, monkeypatch):
+    """Lightning calls the DataModule's prepare_data on local rank 0 of each node (then a barrier); train() must
+    not call it itself on every rank (under srun every rank would download into the same .part file)."""
+    import inspect
+
+    from segvoc.data.datamodule import VOCDataModule
+    from segvoc.train import train
+
+    callers: list[list[str]] = []
+    original = VOCDataModule.prepare_data
+
+    def spy(self):
+        callers.append([Path(f.filename).name for f in inspect.stack()[1:6]])
+        return original(self)
+
+    monkeypatch.setattr(VOCDataModule, "prepare_data", spy)
+    train(smoke_cfg("trainer.max_epochs=1", "data.subset=2"))
+    assert callers, "prepare_data never ran"
+    assert all("data_connector.py" in stack for stack in callers), callers  # every call came through Lightning
+
+
+def test_write_probe_never_touches_another_writers_probe(tmp_path):
+    """Concurrent ranks or runs probing one run directory: each probes a file of its own, so none deletes the
+    probe another is about to remove (a false "not writable")."""
+    from segvoc.runs.directory import ensure_writable
+
+    other = tmp_path / "checkpoints" / ".write-test"  # another writer's probe (the name 0.3 used for all), mid-check
+    other.parent.mkdir()
+    other.write_text("theirs")
+    ensure_writable(tmp_path)
+    ensure_writable(tmp_path)
+    assert other.read_text() == "theirs"
+    assert sorted(p.name for p in other.parent.iterdir()) == [".write-test"]  # its own probes are gone

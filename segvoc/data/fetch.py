@@ -5,11 +5,13 @@ marker when done, and running it again does only what is missing."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import tarfile
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn, track
@@ -95,12 +97,31 @@ def prepare_tree(root: str | Path, urls: Mapping[str, str], md5: Mapping[str, st
     download, verify, extract and convert whatever is missing. Returns the ``VOC2012`` folder."""
     root = Path(root).expanduser()
     voc = root / "VOCdevkit" / "VOC2012"
-    _fetch(urls["voc"], md5.get("voc"), root, present=voc / "JPEGImages")
-    if train_split == "train_aug" and not build_marker(voc).is_file():
-        sbd = root / "benchmark_RELEASE" / "dataset"
-        _fetch(urls["sbd"], md5.get("sbd"), root, present=sbd / "cls")
-        build_train_aug(voc, sbd)
+    with data_root_lock(root):
+        _fetch(urls["voc"], md5.get("voc"), root, present=voc / "JPEGImages")
+        if train_split == "train_aug" and not build_marker(voc).is_file():
+            sbd = root / "benchmark_RELEASE" / "dataset"
+            _fetch(urls["sbd"], md5.get("sbd"), root, present=sbd / "cls")
+            build_train_aug(voc, sbd)
     return voc
+
+
+LOCK_NAME = ".segvoc-prepare.lock"
+
+
+@contextlib.contextmanager
+def data_root_lock(root: Path) -> Iterator[None]:
+    """An exclusive ``fcntl.flock`` on ``root/.segvoc-prepare.lock`` while the tree is prepared: a second launch
+    sharing the data root (another rank under srun, a lab mate) waits, then finds the work done, instead of writing
+    into the same ``.part`` download. The kernel drops the lock when its process dies, so a killed run never
+    leaves it behind."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / LOCK_NAME, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _fetch(url: str, md5: str | None, root: Path, present: Path) -> None:

@@ -92,12 +92,16 @@ class ClassWeights:
     counts: list[int]
 
 
-def class_weights_for(cfg: DictConfig, dm: VOCDataModule) -> ClassWeights | None:
-    """``loss.class_weights`` computed from the training masks (counted once, cached), or None for no weighting."""
+def class_weights_for(cfg: DictConfig, dm: VOCDataModule, prepare: bool = False) -> ClassWeights | None:
+    """``loss.class_weights`` computed from the training masks (counted once, cached), or None for no weighting.
+    ``prepare``: get the data (``dm.prepare_data``) and set up ``dm`` first, only when weights are needed."""
     scheme = str(cfg.loss.get("class_weights") or "none")
     scale = float(cfg.loss.get("background_scale", 1.0))
     if scheme == "none" and scale == 1.0:
         return None
+    if prepare:
+        dm.prepare_data()
+        dm.setup("fit")
     stats = cached_class_statistics(dm.datasets["train"].mask_paths(), Path(cfg.paths.cache_dir),
                                     int(cfg.data.num_classes))
     weights = class_weights(scheme, stats, scale)

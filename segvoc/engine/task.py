@@ -15,7 +15,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from segvoc.data.palette import VOC_CLASSES
-from segvoc.data.sampling import mix_seed
+from segvoc.data.sampling import epoch_position, mix_seed
 from segvoc.data.transforms import Normalize
 from segvoc.engine.feature_cache import FeatureCache
 from segvoc.errors import NonFiniteLossError
@@ -88,8 +88,10 @@ class SegmentationTask(pl.LightningModule):
             return infer(self._logits, self.normalize(images), self.infer_cfg)
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
-        # dropout & co. draw from a generator seeded by (seed, step): a resumed run replays them exactly
-        torch.manual_seed(mix_seed(self.seed, self.global_step))
+        # dropout & co. draw from a generator seeded by (seed, epoch, batch of the epoch, rank): every micro-batch of
+        # an accumulation window and every DDP rank draws its own masks, and a resumed run replays them exactly
+        index = epoch_position(self.trainer)[0]  # batches already trained in this epoch (restored on resume)
+        torch.manual_seed(mix_seed(self.seed, self.current_epoch, index, self.global_rank))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self.feature_cache is not None:

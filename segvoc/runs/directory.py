@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,28 @@ def resume_config(cfg: DictConfig, overrides: list[str] | None = None) -> DictCo
         run_cfg.ckpt_path = str(last)
         run_cfg.resume = None
     return run_cfg
+
+
+# what a mid-epoch loader position (batches per rank, in accumulation windows) is counted in
+POSITION_KEYS = ("trainer.devices", "trainer.num_nodes", "trainer.accumulate_grad_batches")
+
+
+def check_resume_position(cfg: DictConfig, ckpt: dict[str, Any], path: str | Path) -> None:
+    """Refuse, with one line, to continue a checkpoint saved in the middle of an epoch with another world size or
+    accumulation: its loader position counts batches per rank, so the rest of the epoch would skip or repeat data
+    (at an epoch end any value is fine: the next epoch starts from its beginning)."""
+    states = ckpt.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader") or []
+    batches = int(states[0].get("batches", 0)) if states else 0
+    if batches == 0:
+        return
+    stored = checkpoint_config(ckpt)
+    for key in POSITION_KEYS:
+        old, new = OmegaConf.select(stored, key, default=1), OmegaConf.select(cfg, key, default=1)
+        if str(old) != str(new):
+            raise ConfigError(
+                f"{key}={new}: {path} was saved in the middle of epoch {states[0].get('epoch')} (batch {batches}) "
+                f"with {key}={old}, and its position cannot move to another world size or accumulation; resume "
+                f"with {key}={old} (any value is fine from an epoch-end checkpoint)")
 
 
 def _rebase(node: Any, old: str, new: str) -> Any:
@@ -142,9 +165,9 @@ def ensure_writable(out: Path) -> None:
     """Fail before any training when the run directory cannot be written."""
     try:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-        probe = out / "checkpoints" / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        # a name of its own (concurrent ranks or runs each probe their own file; none removes another's)
+        with tempfile.NamedTemporaryFile(dir=out / "checkpoints", prefix=".write-test-", delete=True) as probe:
+            probe.write(b"ok")
     except OSError as exc:
         raise ConfigError(f"{out}: run directory is not writable ({exc.strerror}); "
                           "set paths.output_root (or SEGVOC_OUTPUTS) to a writable folder") from None
