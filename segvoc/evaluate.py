@@ -49,10 +49,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     dm = build_datamodule(run_cfg)
     dm.prepare_data()
     dm.setup("test")
+    task.set_boundary_dilation_ratio(cfg.metrics.boundary_dilation_ratio)
     trainer = build_trainer(cfg, evaluation=True)
     run = trainer.validate if cfg.split == "val" else trainer.test
     run(task, datamodule=dm, verbose=False)
-    metrics = {cfg.split: split_scores(task, cfg.split, epoch)}
+    metrics = {cfg.split: split_scores(task, cfg.split, epoch, cfg.stats)}
     if trainer.is_global_zero:
         write_scores(out, task, metrics)
         table = per_class_table(task.scores[cfg.split], title=f"{cfg.split} ({Path(cfg.ckpt)}, tta={cfg.tta})")
