@@ -45,14 +45,18 @@ def test_evaluate_reproduces_training_test_metrics_exactly(trained_run, tmp_path
     assert "aeroplane" in table and "mIoU" in table
 
 
-def test_per_image_scores_sum_to_the_split_scores(trained_run, tmp_path):
+def test_per_image_scores_sum_to_the_split_scores(trained_run, tmp_path, capsys):
     from segvoc.evaluation.boundary import boundary_scores_from_counts
     from segvoc.evaluation.calibration import calibration_scores
     from segvoc.evaluation.metrics import scores_from_confusion
+    from segvoc.tables import fmt_ci
 
     metrics = json.loads((trained_run / "metrics.json").read_text())
     matrices = json.loads((trained_run / "confusion.json").read_text())
     _eval(trained_run, tmp_path)
+    shown = fmt_ci(metrics["test"]["miou"], metrics["test"]["ci"]["miou"])
+    assert "[" in shown and f"mIoU {shown}" in capsys.readouterr().out  # evaluate prints the interval
+    assert f"| {shown} |" in (trained_run / "MODEL_CARD.md").read_text()  # and the model card shows it
     for run, split in ((trained_run, "val"), (trained_run, "test"), (tmp_path, "test")):
         with np.load(run / f"per_image_{split}.npz") as f:
             ids, conf, bnd, cal = f["ids"].tolist(), f["confusion"], f["boundary"], f["calibration"]
