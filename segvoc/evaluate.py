@@ -26,7 +26,11 @@ from segvoc.errors import ConfigError
 from segvoc.evaluation.inference import InferenceConfig
 from segvoc.evaluation.tables import per_class_table
 from segvoc.runs.directory import split_scores, write_scores
+from segvoc.tables import fmt_ci
 from segvoc.utils import atomic_write_text
+
+SCORE_NAMES = (("miou", "mIoU"), ("pixel_acc", "pixel acc"), ("mean_class_acc", "mean class acc"),
+               ("boundary_miou", "boundary mIoU"))
 
 log = logging.getLogger("segvoc.evaluate")
 
@@ -51,17 +55,21 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     dm = build_datamodule(run_cfg)
     dm.prepare_data()
     dm.setup("test")
+    task.set_boundary_dilation_ratio(cfg.metrics.boundary_dilation_ratio)
     trainer = build_trainer(cfg, evaluation=True)
     run = trainer.validate if cfg.split == "val" else trainer.test
     run(task, datamodule=dm, verbose=False)
-    metrics = {cfg.split: split_scores(task, cfg.split, epoch)}
+    metrics = {cfg.split: split_scores(task, cfg.split, epoch, cfg.stats)}
     if trainer.is_global_zero:
         write_scores(out, task, metrics)
         table = per_class_table(task.scores[cfg.split], title=f"{cfg.split} ({Path(cfg.ckpt)}, tta={cfg.tta})")
         atomic_write_text(out / "per_class_iou.md", table)
         print(table, flush=True)
-        log.info("%s mIoU %.4f pixel acc %.4f -> %s", cfg.split, metrics[cfg.split]["miou"],
-                 metrics[cfg.split]["pixel_acc"], out)
+        m = metrics[cfg.split]
+        print(f"{cfg.split} ({cfg.stats.confidence:.0%} bootstrap interval over images): "
+              + "  ".join(f"{name} {fmt_ci(m[key], m['ci'].get(key))}" for key, name in SCORE_NAMES)
+              + f"  ECE {m['ece']:.4f}", flush=True)
+        log.info("%s mIoU %.4f pixel acc %.4f -> %s", cfg.split, m["miou"], m["pixel_acc"], out)
     return metrics
 
 

@@ -20,3 +20,12 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def fmt_ci(value: Any, interval: Any = None, digits: int = 4) -> str:
+    """``value [lo, hi]``: a score with its bootstrap interval (``metrics.json`` ``ci``); the value alone without
+    one."""
+    if not interval or interval[0] is None:
+        return fmt(value, digits)
+    return f"{fmt(value, digits)} [{fmt(interval[0], digits)}, {fmt(interval[1], digits)}]"
+

@@ -121,7 +121,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             # Lightning warns that the checkpoint's callbacks are missing, which is what is intended here.
             warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`, callbacks")
             run(task, datamodule=dm, ckpt_path=best, verbose=False)  # Lightning restores the best weights
-        metrics[split] = split_scores(task, split, epoch)
+        metrics[split] = split_scores(task, split, epoch, cfg.get("stats"))
     if trainer.is_global_zero:
         write_scores(out, task, metrics)
         write_model_card(out, cfg, task.model, fit, device_name(task.device))

@@ -62,6 +62,42 @@ def test_evaluate_scores_a_bf16_run_as_it_was_trained(tmp_path, synthetic_root, 
     assert fp32["loss"] != pytest.approx(expected["loss"], abs=1e-7)  # bf16 and fp32 differ: the carry matters
 
 
+def test_per_image_scores_sum_to_the_split_scores(trained_run, tmp_path, capsys):
+    from segvoc.evaluation.boundary import boundary_scores_from_counts
+    from segvoc.evaluation.calibration import calibration_scores
+    from segvoc.evaluation.metrics import scores_from_confusion
+    from segvoc.tables import fmt_ci
+
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    matrices = json.loads((trained_run / "confusion.json").read_text())
+    _eval(trained_run, tmp_path)
+    shown = fmt_ci(metrics["test"]["miou"], metrics["test"]["ci"]["miou"])
+    assert "[" in shown and f"mIoU {shown}" in capsys.readouterr().out  # evaluate prints the interval
+    assert f"| {shown} |" in (trained_run / "MODEL_CARD.md").read_text()  # and the model card shows it
+    for run, split in ((trained_run, "val"), (trained_run, "test"), (tmp_path, "test")):
+        with np.load(run / f"per_image_{split}.npz") as f:
+            ids, conf, bnd, cal = f["ids"].tolist(), f["confusion"], f["boundary"], f["calibration"]
+        assert ids == (trained_run / "splits" / f"{split}.txt").read_text().split()
+        assert conf.dtype == np.int64 and conf.shape == (len(ids), 21, 21)
+        assert conf.sum(0).tolist() == matrices[split]  # exactly the split's matrix
+        m = metrics[split]
+        assert m["boundary_miou"] == pytest.approx(boundary_scores_from_counts(torch.as_tensor(bnd.sum(0)))
+                                                   ["boundary_miou"], abs=1e-12)
+        assert m["ece"] == pytest.approx(calibration_scores(torch.as_tensor(cal.sum(0)))["ece"], abs=1e-12)
+        assert m["calibration"]["count"] == cal.sum(0)[0].astype(int).tolist()
+        assert set(m["ci"]) == {"miou", "pixel_acc", "mean_class_acc", "boundary_miou"}
+        for lo, hi in m["ci"].values():
+            assert 0 <= lo <= hi <= 1
+        rows = (run / f"per_image_{split}.csv").read_text().splitlines()
+        assert rows[0] == "id,pixels,pixel_acc,miou" and [r.split(",")[0] for r in rows[1:]] == ids
+        for row, matrix in zip(rows[1:], conf, strict=True):
+            _, pixels, acc, miou = row.split(",")
+            s = scores_from_confusion(torch.as_tensor(matrix))
+            assert int(pixels) == matrix.sum()
+            assert float(acc) == pytest.approx(s["pixel_acc"], abs=1e-6)
+            assert float(miou) == pytest.approx(s["miou"], abs=1e-6)
+
+
 def test_evaluate_val_split_and_flip_tta_run(trained_run, tmp_path):
     val = _eval(trained_run, tmp_path / "v", "split=val")["val"]
     assert val == json.loads((trained_run / "metrics.json").read_text())["val"]

@@ -21,7 +21,7 @@ from segvoc.errors import ConfigError
 from segvoc.evaluate import evaluate
 from segvoc.export import export_model
 from segvoc.predict import predict
-from segvoc.tables import fmt
+from segvoc.tables import fmt, fmt_ci
 from segvoc.train import train
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
@@ -209,7 +209,9 @@ def test_model_card_numbers_equal_metrics_json(trained_run, tmp_path):
     results = _table(card, "## Results")
     for split in ("val", "test"):
         m = metrics[split]
-        assert results[split][:4] == [fmt(m["miou"]), fmt(m["pixel_acc"]), fmt(m["mean_class_acc"]), fmt(m["loss"])]
+        assert results[split][:6] == [fmt_ci(m[k], m["ci"][k]) for k in ("miou", "pixel_acc", "mean_class_acc",
+                                                                        "boundary_miou")] + [fmt(m["ece"]),
+                                                                                             fmt(m["loss"])]
     per_class = _table(card, "Per-class IoU:")
     assert len(per_class) == 22  # header row + 21 classes
     for k, name in enumerate(per_class_names := list(per_class)[1:]):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from segvoc.config import REPO_ROOT
@@ -65,6 +66,22 @@ def test_ddp_evaluate_equals_single_process_on_odd_split(ddp_run, tmp_path):
     c1 = json.loads((tmp_path / "d1" / "confusion.json").read_text())
     c2 = json.loads((tmp_path / "d2" / "confusion.json").read_text())
     assert c1 == c2  # every pixel counted exactly once
+    assert one["per_class_boundary_iou"] == two["per_class_boundary_iou"]
+    assert one["boundary_miou"] == two["boundary_miou"]
+    assert one["ece"] == pytest.approx(two["ece"], rel=1e-9)
+    for key, interval in one["ci"].items():
+        assert interval == pytest.approx(two["ci"][key], rel=1e-9), key
+    # per-image rows gathered from both ranks to rank 0: each image once, in the split's order, exact
+    ids = (ddp_run / "run" / "splits" / "val.txt").read_text().split()
+    per_image = {}
+    for devices in (1, 2):
+        with np.load(tmp_path / f"d{devices}" / "per_image_val.npz") as f:
+            per_image[devices] = {k: f[k] for k in f.files}
+        assert per_image[devices]["ids"].tolist() == ids
+        assert per_image[devices]["confusion"].sum(0).tolist() == c2["val"]
+    for key in ("confusion", "boundary"):
+        assert np.array_equal(per_image[1][key], per_image[2][key]), key
+    assert np.allclose(per_image[1]["calibration"], per_image[2]["calibration"], rtol=1e-9)
 
 
 def test_submitit_local_launcher_runs_two_jobs(tmp_path, synthetic_root):

@@ -145,6 +145,7 @@ def build_task(cfg: DictConfig, class_weights: ClassWeights | None = None,
         channels_last=bool((cfg.get("perf") or {}).get("channels_last", False)),
         feature_cache=FeatureCache.for_config(cfg, model),
         cfg=OmegaConf.to_container(cfg, resolve=True),
+        boundary_dilation_ratio=float(OmegaConf.select(cfg, "metrics.boundary_dilation_ratio", default=0.02)),
     )
 
 

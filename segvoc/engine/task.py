@@ -19,8 +19,11 @@ from segvoc.data.sampling import epoch_position, mix_seed
 from segvoc.data.transforms import Normalize
 from segvoc.engine.feature_cache import FeatureCache
 from segvoc.errors import NonFiniteLossError
+from segvoc.evaluation.boundary import BoundaryIoU, boundary_scores_from_counts
+from segvoc.evaluation.calibration import Calibration, calibration_scores
 from segvoc.evaluation.inference import InferenceConfig, infer
 from segvoc.evaluation.metrics import ConfusionMatrix, scores_from_confusion
+from segvoc.evaluation.per_image import PerImageRows, per_image_confusion
 
 EVAL_SPLITS = ("val", "test")
 
@@ -49,6 +52,7 @@ class SegmentationTask(pl.LightningModule):
         channels_last: bool = False,
         feature_cache: FeatureCache | None = None,
         cfg: dict | None = None,
+        boundary_dilation_ratio: float = 0.02,
     ) -> None:
         super().__init__()
         self.save_hyperparameters({"cfg": cfg} if cfg is not None else {})
@@ -66,6 +70,9 @@ class SegmentationTask(pl.LightningModule):
         self.confusion = nn.ModuleDict({s: ConfusionMatrix(num_classes) for s in EVAL_SPLITS})
         # nan_strategy="disable": the NaN check is a host sync per batch; a NaN loss shows as a NaN mean instead
         self.mean_loss = nn.ModuleDict({s: MeanMetric(nan_strategy="disable") for s in EVAL_SPLITS})
+        self.boundary = nn.ModuleDict({s: BoundaryIoU(num_classes, boundary_dilation_ratio) for s in EVAL_SPLITS})
+        self.calibration = nn.ModuleDict({s: Calibration() for s in EVAL_SPLITS})
+        self.per_image = {s: PerImageRows() for s in EVAL_SPLITS}
         self.scores: dict[str, dict[str, Any]] = {}
         self._samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.feature_cache = feature_cache
@@ -134,6 +141,13 @@ class SegmentationTask(pl.LightningModule):
         self.mean_loss[split].update(loss, weight=torch.full_like(loss, len(masks)))  # a tensor: no host copy
         preds = log_probs.argmax(1)
         self.confusion[split].update(preds, masks)
+        # per-image rows for intervals and paired comparisons; all stay on the device until the split ends
+        boundary = self.boundary[split].per_image(preds, masks)
+        calibration = self.calibration[split].per_image(log_probs, masks)
+        self.boundary[split].update(boundary)
+        self.calibration[split].update(calibration)
+        self.per_image[split].add(batch["id"], confusion=per_image_confusion(preds, masks, self.num_classes),
+                                  boundary=boundary, calibration=calibration)
         if split == "val" and len(self._samples) < self.log_images and not self.trainer.sanity_checking:
             for k in range(min(len(masks), self.log_images - len(self._samples))):
                 self._samples.append((batch["image"][k].detach(), masks[k].detach(), preds[k].detach()))
@@ -149,12 +163,16 @@ class SegmentationTask(pl.LightningModule):
         scores = scores_from_confusion(matrix)
         scores["loss"] = float(self.mean_loss[split].compute())
         scores["confusion"] = matrix.cpu().numpy()
-        self.confusion[split].reset()
-        self.mean_loss[split].reset()
+        scores.update(boundary_scores_from_counts(self.boundary[split].compute()))
+        scores.update(calibration_scores(self.calibration[split].compute()))
+        scores["ids"], scores["per_image"] = self.per_image[split].gather(self._split_ids(split))
+        for metric in (self.confusion[split], self.mean_loss[split], self.boundary[split], self.calibration[split],
+                       self.per_image[split]):
+            metric.reset()
         self.scores[split] = scores
         # the scores are already global (the metrics sync across ranks); sync_dist only averages equal values
         sync = self.trainer.world_size > 1
-        for key in ("loss", "miou", "pixel_acc", "mean_class_acc"):
+        for key in ("loss", "miou", "pixel_acc", "mean_class_acc", "boundary_miou", "ece"):
             self.log(f"{split}/{key}", scores[key], prog_bar=key == "miou", sync_dist=sync)
         for name, iou in zip(self.class_names, scores["per_class_iou"], strict=False):
             if iou is not None:
@@ -162,6 +180,16 @@ class SegmentationTask(pl.LightningModule):
         if split == "val" and not self.trainer.sanity_checking:
             self._log_pictures(scores["confusion"])
         self._samples.clear()
+
+    def _split_ids(self, split: str) -> list[str] | None:
+        """The split's ids in the order of its list (``splits/<split>.txt``), when the datamodule has them."""
+        datasets = getattr(getattr(self.trainer, "datamodule", None), "datasets", None) or {}
+        return list(datasets[split].ids) if split in datasets else None
+
+    def set_boundary_dilation_ratio(self, ratio: float) -> None:
+        """``metrics.boundary_dilation_ratio`` for the following evaluations."""
+        for metric in self.boundary.values():
+            metric.ratio = float(ratio)
 
     def on_validation_epoch_end(self) -> None:
         self._end_epoch("val")

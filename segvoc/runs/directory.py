@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import tempfile
@@ -9,20 +10,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segvoc.config import carry_overrides, stored_overrides
 from segvoc.engine.checkpoint import checkpoint_config, read_checkpoint
 from segvoc.engine.task import SegmentationTask
 from segvoc.errors import ConfigError
-from segvoc.utils import write_json
+from segvoc.evaluation.statistics import bootstrap_ci, confusion_scores
+from segvoc.utils import atomic_write, atomic_write_text, write_json
 
-METRIC_KEYS = ("loss", "miou", "pixel_acc", "mean_class_acc", "per_class_iou")
+METRIC_KEYS = ("loss", "miou", "pixel_acc", "mean_class_acc", "per_class_iou", "boundary_miou",
+               "per_class_boundary_iou", "ece", "calibration")
 
 # what may change when a run is resumed: where and how it runs, not what it trains
 RESUME_MAY_CHANGE = ("trainer", "callbacks", "logger", "perf", "infer", "paths", "data.root", "data.num_workers",
                      "data.pin_memory", "data.download", "data.decode_cache", "data.eval_batch_size", "traceback",
-                     "log_images", "matmul_precision")
+                     "log_images", "matmul_precision", "stats", "metrics")
 
 
 def resume_config(cfg: DictConfig, overrides: list[str] | None = None) -> DictConfig:
@@ -85,7 +89,8 @@ def _rebase(node: Any, old: str, new: str) -> Any:
 
 
 # what a training run writes into its directory (besides Hydra's .hydra*/ and <job>.log)
-RUN_OUTPUTS = ("checkpoints", "tb", "splits", "metrics.json", "confusion.json", "class_weights.json", "MODEL_CARD.md",
+RUN_OUTPUTS = ("checkpoints", "tb", "splits", "metrics.json", "confusion.json", "per_image_val.npz",
+               "per_image_val.csv", "per_image_test.npz", "per_image_test.csv", "class_weights.json", "MODEL_CARD.md",
                "export", "FAILED.json")
 
 
@@ -173,13 +178,52 @@ def ensure_writable(out: Path) -> None:
                           "set paths.output_root (or SEGVOC_OUTPUTS) to a writable folder") from None
 
 
-def split_scores(task: SegmentationTask, split: str, epoch: int | None) -> dict[str, Any]:
-    """The ``metrics.json`` entry of one split, from the task's last evaluation of it."""
+def split_scores(task: SegmentationTask, split: str, epoch: int | None,
+                 stats: Any = None) -> dict[str, Any]:
+    """The ``metrics.json`` entry of one split, from the task's last evaluation of it: the scores, the epoch and
+    ``ci``, percentile-bootstrap intervals over images (``stats.bootstrap`` resamples, ``stats.confidence``,
+    ``stats.seed``: ``conf/stats/default.yaml``)."""
     scores = task.scores[split]
-    return {**{k: scores[k] for k in METRIC_KEYS}, "epoch": epoch}
+    stats = stats or {}
+    ci = bootstrap_ci(scores["per_image"], int(stats.get("bootstrap", 1000)), float(stats.get("confidence", 0.95)),
+                      int(stats.get("seed", 0)))
+    return {**{k: scores[k] for k in METRIC_KEYS}, "ci": ci, "epoch": epoch}
+
+
+def per_image_csv(ids: list[str], confusion: np.ndarray) -> str:
+    """``id, pixels, pixel_acc, miou`` per image; ``miou`` over the classes in that image's truth or prediction."""
+    s = confusion_scores(confusion)
+    lines = ["id,pixels,pixel_acc,miou"]
+    def cell(v: float) -> str:  # an image whose pixels are all ignored has no score: an empty cell
+        return "" if np.isnan(v) else f"{v:.6f}"
+
+    for k, i in enumerate(ids):
+        lines.append(f"{i},{int(confusion[k].sum())},{cell(s['pixel_acc'][k])},{cell(s['miou'][k])}")
+    return "\n".join(lines) + "\n"
+
+
+def write_per_image(out: Path, split: str, ids: list[str], rows: dict[str, np.ndarray]) -> None:
+    """``per_image_<split>.npz`` (``ids``; ``confusion`` (N, C, C) int64, rows = truth; ``boundary`` (N, 2, C)
+    boundary intersection/union; ``calibration`` (N, 3, 15) ECE bins) and ``per_image_<split>.csv``."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, ids=np.array(ids, dtype=str), **rows)
+    atomic_write(out / f"per_image_{split}.npz", lambda f: f.write(buf.getvalue()), binary=True)
+    atomic_write_text(out / f"per_image_{split}.csv", per_image_csv(ids, rows["confusion"]))
+
+
+def read_per_image(out: Path, split: str) -> tuple[list[str], dict[str, np.ndarray]] | None:
+    """What ``write_per_image`` wrote (None when the run has no such file)."""
+    path = out / f"per_image_{split}.npz"
+    if not path.is_file():
+        return None
+    with np.load(path) as data:
+        return [str(i) for i in data["ids"]], {k: data[k] for k in data.files if k != "ids"}
 
 
 def write_scores(out: Path, task: SegmentationTask, metrics: dict[str, Any]) -> None:
-    """``metrics.json`` (``{split: scores}``) and ``confusion.json`` (``{split: matrix}``) of the evaluated splits."""
+    """``metrics.json`` (``{split: scores}``), ``confusion.json`` (``{split: matrix}``) and the per-image files
+    (``write_per_image``) of the evaluated splits."""
     write_json(out / "metrics.json", metrics)
     write_json(out / "confusion.json", {s: task.scores[s]["confusion"].tolist() for s in metrics})
+    for split in metrics:
+        write_per_image(out, split, task.scores[split]["ids"], task.scores[split]["per_image"])

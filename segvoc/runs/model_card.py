@@ -19,7 +19,7 @@ from torch import nn
 
 from segvoc.config import choice, stored_overrides
 from segvoc.data.palette import VOC_CLASSES
-from segvoc.tables import markdown_table
+from segvoc.tables import fmt_ci, markdown_table
 from segvoc.utils import atomic_write_text
 
 CARD_NAME = "MODEL_CARD.md"
@@ -151,9 +151,17 @@ def model_card(run_dir: Path, cfg: DictConfig, model: nn.Module, fit: FitSummary
              + (f" (scales {list(infer.get('scales'))})" if infer.get("tta") == "ms_flip" else "") + ".", "",
              "## Results", ""]
     splits = [s for s in ("val", "test") if s in metrics]
-    lines.append(markdown_table(("split", "mIoU", "pixel acc", "mean class acc", "loss", "epoch"),
-                                [(s, metrics[s]["miou"], metrics[s]["pixel_acc"], metrics[s]["mean_class_acc"],
-                                  metrics[s]["loss"], metrics[s].get("epoch")) for s in splits]))
+    def scored(s: str, key: str) -> str:
+        return fmt_ci(metrics[s].get(key), (metrics[s].get("ci") or {}).get(key))
+
+    lines.append(markdown_table(("split", "mIoU", "pixel acc", "mean class acc", "boundary mIoU", "ECE", "loss",
+                                 "epoch"),
+                                [(s, scored(s, "miou"), scored(s, "pixel_acc"), scored(s, "mean_class_acc"),
+                                  scored(s, "boundary_miou"), metrics[s].get("ece"), metrics[s]["loss"],
+                                  metrics[s].get("epoch")) for s in splits]))
+    if any(metrics[s].get("ci") for s in splits):
+        lines += ["[lo, hi]: percentile bootstrap interval over the split's images (`stats.bootstrap` resamples, "
+                  "`stats.confidence`; per-image matrices in `per_image_<split>.npz`). ECE: top-label, 15 bins.", ""]
     lines += ["Per-class IoU:", "",
               markdown_table(("class", *splits),
                              [(name, *(metrics[s]["per_class_iou"][k] for s in splits))
