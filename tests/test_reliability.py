@@ -189,7 +189,7 @@ def test_checkpoint_from_another_model_is_a_clear_error(smoke_cfg, tmp_path):
     from segvoc.train import train
 
     train(smoke_cfg("trainer.max_epochs=1", "data.subset=2"))
-    ckpt = tmp_path / "checkpoints" / "best.ckpt"
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"  # ckpt_path takes a full state (best.ckpt holds weights only)
     with pytest.raises(WeightsError, match=r"does not fit model UNet .*checkpoint: model fcn_baseline"):
         train(smoke_cfg("model=unet", f"ckpt_path={ckpt}", f"paths.output_dir={tmp_path / 'b'}"))
 
