@@ -82,10 +82,28 @@ def test_weighted_loss_uses_cached_inverse_frequency_weights(smoke_cfg, tmp_path
     dm = build_datamodule(cfg)
     dm.setup("fit")
     w = class_weights_for(cfg, dm).weights
-    assert len(w) == 21 and w[0] > 0 and sum(x > 0 for x in w) >= 2
-    assert list((tmp_path / "outputs" / "cache").glob("class_stats_*.json"))
+    # the weights by hand: pixels of each class over the training masks (255 ignored), n_total / (k_present * n_c)
+    import numpy as np
+
+    counts = np.zeros(21, np.int64)
+    for path in dm.datasets["train"].mask_paths():
+        counts += np.bincount(np.asarray(Image.open(path)).reshape(-1), minlength=256)[:21]
+    present = counts > 0
+    assert 2 <= present.sum() < 21  # absent classes get weight 0, so the formula's k is exercised
+    by_hand = np.where(present, counts.sum() / (present.sum() * np.maximum(counts, 1)), 0.0)
+    by_hand[0] *= 80
+    assert w == pytest.approx(by_hand.tolist(), rel=1e-12)
+    caches = list((tmp_path / "outputs" / "cache").glob("class_stats_*.json"))
+    assert len(caches) == 1
     w1 = class_weights_for(smoke_cfg("loss=weighted_ce"), dm).weights
     assert w[0] == pytest.approx(80 * w1[0]) and w[1:] == pytest.approx(w1[1:])
+    # the cache is read, not recomputed: counts edited in it change the weights
+    data = json.loads(caches[0].read_text())
+    data["counts"] = [c * (2 if k == 1 else 1) for k, c in enumerate(data["counts"])]
+    caches[0].write_text(json.dumps(data))
+    w2 = class_weights_for(smoke_cfg("loss=weighted_ce"), dm).weights
+    assert w2[1] != pytest.approx(w1[1]) and w2[1] == pytest.approx(by_hand[1] * (counts.sum() + counts[1])
+                                                                     / counts.sum() / 2, rel=1e-12)
 
 
 def _cli(*args: str, cwd: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
