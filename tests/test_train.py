@@ -82,10 +82,28 @@ def test_weighted_loss_uses_cached_inverse_frequency_weights(smoke_cfg, tmp_path
     dm = build_datamodule(cfg)
     dm.setup("fit")
     w = class_weights_for(cfg, dm).weights
-    assert len(w) == 21 and w[0] > 0 and sum(x > 0 for x in w) >= 2
-    assert list((tmp_path / "outputs" / "cache").glob("class_stats_*.json"))
+    # the weights by hand: pixels of each class over the training masks (255 ignored), n_total / (k_present * n_c)
+    import numpy as np
+
+    counts = np.zeros(21, np.int64)
+    for path in dm.datasets["train"].mask_paths():
+        counts += np.bincount(np.asarray(Image.open(path)).reshape(-1), minlength=256)[:21]
+    present = counts > 0
+    assert 2 <= present.sum() < 21  # absent classes get weight 0, so the formula's k is exercised
+    by_hand = np.where(present, counts.sum() / (present.sum() * np.maximum(counts, 1)), 0.0)
+    by_hand[0] *= 80
+    assert w == pytest.approx(by_hand.tolist(), rel=1e-12)
+    caches = list((tmp_path / "outputs" / "cache").glob("class_stats_*.json"))
+    assert len(caches) == 1
     w1 = class_weights_for(smoke_cfg("loss=weighted_ce"), dm).weights
     assert w[0] == pytest.approx(80 * w1[0]) and w[1:] == pytest.approx(w1[1:])
+    # the cache is read, not recomputed: counts edited in it change the weights
+    data = json.loads(caches[0].read_text())
+    data["counts"] = [c * (2 if k == 1 else 1) for k, c in enumerate(data["counts"])]
+    caches[0].write_text(json.dumps(data))
+    w2 = class_weights_for(smoke_cfg("loss=weighted_ce"), dm).weights
+    assert w2[1] != pytest.approx(w1[1]) and w2[1] == pytest.approx(by_hand[1] * (counts.sum() + counts[1])
+                                                                     / counts.sum() / 2, rel=1e-12)
 
 
 def _cli(*args: str, cwd: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
@@ -248,7 +266,32 @@ def test_every_documented_choice_runs(group, choice, tmp_path, synthetic_root, v
         if key in cfg.model:
             cfg.model[key] = "none"
     metrics = train(cfg)
-    assert 0 <= metrics["test"]["miou"] <= 1
+    assert cfg.choices[group] == choice  # the choice is what ran
+    out = Path(cfg.paths.output_dir)
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    _check_scores_against_the_masks(cfg, out, metrics)
+
+
+def _check_scores_against_the_masks(cfg, out: Path, metrics: dict) -> None:
+    """Each split's confusion matrix counts every labelled pixel of its masks once, and the scores follow from it
+    (pixel accuracy = trace / total, mIoU over classes with a non-empty union)."""
+    import numpy as np
+
+    from segvoc.engine.builders import build_datamodule
+
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
+    dm.setup("test")
+    confusion = json.loads((out / "confusion.json").read_text())
+    for split in ("val", "test"):
+        cm = np.array(confusion[split], dtype=np.int64)
+        labelled = sum(int((np.asarray(Image.open(p)) != 255).sum()) for p in dm.datasets[split].mask_paths())
+        assert cm.sum() == labelled > 0, split
+        scores = metrics[split]
+        assert np.isfinite(scores["loss"])
+        assert scores["pixel_acc"] == pytest.approx(np.trace(cm) / cm.sum(), abs=1e-9)
+        inter, union = np.diag(cm), cm.sum(0) + cm.sum(1) - np.diag(cm)
+        assert scores["miou"] == pytest.approx(float(np.mean(inter[union > 0] / union[union > 0])), abs=1e-9)
 
 
 @pytest.mark.slow
