@@ -72,9 +72,18 @@ def _same_run(a: Path, b: Path) -> None:
 def ddp_reference(tmp_path_factory, synthetic_root) -> Path:
     """One uninterrupted 2-process run, shared by the tests of this module."""
     run = tmp_path_factory.mktemp("ddp_ref") / "run"
-    code, err, _ = _run_group(_train(synthetic_root, run))
+    code, err, _ = _run_group(_train(synthetic_root, run, "+callbacks.seeds._target_=tests.helpers.RecordSeeds",
+                                     f"+callbacks.seeds.path={run.parent / 'seeds'}"))
     assert code == 0, err[-3000:]
     return run
+
+
+def test_ddp_ranks_draw_their_own_dropout_seeds(ddp_reference):
+    """Dropout is seeded by (seed, epoch, batch, rank): the two ranks never share a seed."""
+    rows = [line.split() for line in (ddp_reference.parent / "seeds").read_text().splitlines()]
+    seeds = {(int(e), int(b), int(r)): int(s) for e, b, r, s in rows}
+    assert len(seeds) == 12  # 2 epochs x 3 batches x 2 ranks
+    assert len(set(seeds.values())) == 12
 
 
 def test_two_uninterrupted_ddp_runs_are_identical(ddp_reference, tmp_path, synthetic_root):
