@@ -25,6 +25,7 @@ from segvoc import config as _config  # noqa: F401  (registers resolvers)
 from segvoc.app import run_app
 from segvoc.data.palette import VOC_CLASSES
 from segvoc.errors import ConfigError
+from segvoc.reporting.comparison import compare, comparison_csv, comparison_markdown
 from segvoc.runs.seed_groups import METRICS, SPLITS, SeedGroup, group_by_seed, mean_std, summary_rows
 from segvoc.tables import fmt, markdown_table
 from segvoc.utils import atomic_write_text
@@ -261,12 +262,22 @@ def per_class_by_group_png(groups: Sequence[SeedGroup], path: Path) -> bool:
 
 
 def build_report(sweep: str | Sequence[str], output: Path, published: dict[str, Any], num_images: int = 4,
-                 confusion_split: str = "test", device: str = "cpu") -> dict[str, Any]:
-    """Write tables and figures for the runs under ``sweep`` into ``output``; returns what was written."""
+                 confusion_split: str = "test", device: str = "cpu",
+                 stats: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write tables and figures for the runs under ``sweep`` into ``output``; returns what was written.
+    ``stats``: ``conf/stats`` (bootstrap, confidence, seed, alpha, baseline) for the paired comparisons."""
     runs = find_runs(sweep)
     output.mkdir(parents=True, exist_ok=True)
     groups = group_by_seed([r.path for r in runs], [r.metrics for r in runs])
-    atomic_write_text(output / "results.md", results_markdown(runs, published) + groups_markdown(groups))
+    stats = stats or {}
+    comparison = compare(groups, stats)
+    link = ""
+    if comparison is not None:
+        atomic_write_text(output / "comparison.md", comparison_markdown(comparison, stats))
+        atomic_write_text(output / "comparison.csv", comparison_csv(comparison))
+        link = ("\n## Is the difference real?\n\nPaired bootstrap comparisons against the baseline group, "
+                "Holm-adjusted: [comparison.md](comparison.md) ([comparison.csv](comparison.csv)).\n")
+    atomic_write_text(output / "results.md", results_markdown(runs, published) + groups_markdown(groups) + link)
     atomic_write_text(output / "summary.csv", summary_csv(groups))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=[*RESULT_COLUMNS, *(f"iou_{c}" for c in VOC_CLASSES)])
@@ -287,13 +298,15 @@ def build_report(sweep: str | Sequence[str], output: Path, published: dict[str, 
     if per_class_by_group_png(groups, output / "per_class_iou_by_group.png"):
         figures.append("per_class_iou_by_group.png")
     log.info("report of %d runs in %d groups in %s", len(runs), len(groups), output)
-    return {"runs": [str(r.path) for r in runs], "groups": [g.label for g in groups], "figures": figures}
+    return {"runs": [str(r.path) for r in runs], "groups": [g.label for g in groups], "figures": figures,
+            "comparison": comparison}
 
 
 def report(cfg: DictConfig) -> dict[str, Any]:
     sweep = list(cfg.sweep) if isinstance(cfg.sweep, ListConfig) else str(cfg.sweep)
     published = OmegaConf.to_container(cfg.published, resolve=True)
-    result = build_report(sweep, Path(cfg.output), published, int(cfg.num_images), cfg.confusion_split, cfg.device)
+    result = build_report(sweep, Path(cfg.output), published, int(cfg.num_images), cfg.confusion_split, cfg.device,
+                          OmegaConf.to_container(cfg.stats, resolve=True))
     print((Path(cfg.output) / "results.md").read_text())
     print(f"figures: {len(result['figures'])} PNGs in {cfg.output}")
     return result
