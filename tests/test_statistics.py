@@ -165,7 +165,8 @@ def test_holm_by_hand():
 
 def test_two_sided_p_and_verdicts():
     assert two_sided_p(np.zeros(10)) == 1.0
-    assert two_sided_p(np.array([1.0, 2.0, 3.0, -1.0])) == pytest.approx(0.5)
+    assert two_sided_p(np.array([1.0, 2.0, 3.0, -1.0])) == pytest.approx(0.8)  # 2 * (1 + 1) / (1 + 4)
+    assert two_sided_p(-np.ones(99)) == pytest.approx(0.02)  # never 0: 2 * (1 + 0) / (1 + 99)
     assert verdict(-0.1, 0.001, 0.05, "miou") == "worse"
     assert verdict(-0.1, 0.001, 0.05, "ece") == "better"
     assert verdict(0.3, 0.2, 0.05, "miou") == "not distinguishable"
