@@ -113,22 +113,33 @@ def read_scalars(run_dir: Path, tags: Sequence[str]) -> dict[str, list[float]]:
     return {t: [v for _, _, v in sorted(s)] for t, s in series.items()}
 
 
-def loss_curve_png(run: Run, path: Path) -> bool:
-    """Train and val loss per epoch (report Figures 1, 2, 4); False when the run logged none."""
+def loss_curve_png(run: Run, path: Path, title: str | None = None) -> bool:
+    """Train and val loss per epoch (report Figures 1, 2, 4) and val mIoU on a second axis, titled by the run's
+    group and seed (``title``); False when the run logged none."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    s = read_scalars(run.path, ("train/loss_epoch", "val/loss"))
+    s = read_scalars(run.path, ("train/loss_epoch", "val/loss", "val/miou"))
     if not any(s.values()):
         return False
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
-    for tag, label in (("train/loss_epoch", "train"), ("val/loss", "validation")):
+    for tag, label in (("train/loss_epoch", "train loss"), ("val/loss", "val loss")):
         if s[tag]:
             ax.plot(range(len(s[tag])), s[tag], marker="o", label=label)
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
-    ax.set_title(f"loss: {run.experiment}")
-    ax.legend()
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    handles, labels = ax.get_legend_handles_labels()
+    if s["val/miou"]:
+        right = ax.twinx()
+        right.plot(range(len(s["val/miou"])), s["val/miou"], marker="s", color="tab:green", label="val mIoU")
+        right.set_ylabel("val mIoU")
+        right.set_ylim(0, 1)
+        more = right.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.set_title(title or f"{run.experiment} ({run.label})")
+    ax.legend(handles, labels, fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -288,8 +299,10 @@ def build_report(sweep: str | Sequence[str], output: Path, published: dict[str, 
                          **{f"iou_{c}": fmt(v, 6) for c, v in zip(VOC_CLASSES, per_class, strict=False)}})
     atomic_write_text(output / "results.csv", buf.getvalue())
     figures = []
+    titles = {run: f"{g.label}, seed {seed if seed is not None else '-'}"
+              for g in groups for run, seed in zip(g.runs, g.seeds, strict=True)}
     for r in runs:
-        for suffix, make in (("loss", lambda r, p: loss_curve_png(r, p)),
+        for suffix, make in (("loss", lambda r, p: loss_curve_png(r, p, titles.get(r.path))),
                              ("confusion", lambda r, p: confusion_png(r, confusion_split, p)),
                              ("predictions", lambda r, p: predictions_png(r, num_images, p, device))):
             p = output / f"{r.label}_{suffix}.png"

@@ -101,3 +101,41 @@ def test_report_writes_comparison_files_linked_from_results(tmp_path):
     assert "[comparison.md](comparison.md)" in (tmp_path / "out" / "results.md").read_text()
     md = (tmp_path / "out" / "comparison.md").read_text()
     assert "| option=b | option=a | miou | 3 vs 3 |" in md and "Where the variance comes from" in md
+
+
+@pytest.fixture(scope="module")
+def trained_sweep(tmp_path_factory, synthetic_root) -> Path:
+    """Three real runs on the synthetic set, scored on the training images (val list = train list) so that a
+    dozen epochs learn something: trained (log_images=4), the same with log_images=2, and one stopped after 1
+    step."""
+    import shutil
+
+    from segvoc.train import train
+    from tests.conftest import make_cfg
+
+    data = tmp_path_factory.mktemp("overfit") / "synthetic"
+    shutil.copytree(synthetic_root, data)
+    sets = data / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation"
+    (sets / "val.txt").write_text((sets / "train.txt").read_text())
+    root = tmp_path_factory.mktemp("sweep")
+    common = ["data=synthetic", "data.synthetic=null", "logger=none", "debug=overfit", "data.image_size=80",
+              "data.num_workers=0", "trainer.max_epochs=12", "data.subset=4"]
+    for name, extra in (("0_trained", ["log_images=4"]), ("1_log_images", ["log_images=2"]),
+                        ("2_one_step", ["+trainer.max_steps=1"])):
+        train(make_cfg(root / name, *common, *extra, data_root=data))
+    return root
+
+
+@pytest.mark.slow
+def test_paired_bootstrap_on_real_runs(trained_sweep, tmp_path):
+    """A run stopped after 1 step is worse than the trained one (interval excluding 0); log_images, which changes
+    only the TensorBoard grid, is not distinguishable."""
+    result = build_report(str(trained_sweep), tmp_path, published={}, num_images=0, stats=STATS)["comparison"]
+    rows = {(r["group"], r["metric"]): r for r in result.rows}
+    assert {r["baseline"] for r in result.rows} == {"0_trained"}
+    worse = rows[("2_one_step", "miou")]
+    assert worse["verdict"] == "worse" and worse["ci_hi"] < 0, worse
+    assert rows[("2_one_step", "pixel_acc")]["verdict"] == "worse"
+    for metric in ("miou", "pixel_acc", "boundary_miou", "ece"):
+        same = rows[("1_log_images", metric)]
+        assert same["verdict"] == "not distinguishable" and same["delta"] == 0, same
