@@ -9,6 +9,8 @@ Sections (all on this machine; JSON in ``--json``):
   JPEGs (``data=synthetic_voc``): img/s with the default workers, per worker, and the decoding share.
 * ``fit``: ``Trainer.fit`` with the real DataModule on that set; ``data_wait_fraction`` from Lightning's profiler.
 * ``eval``: full-resolution evaluation img/s per ``data.eval_batch_size`` (batches hold one image size).
+* ``scores``: seconds per VOC val epoch (1449 images) of the plain confusion matrix and of what per-image
+  matrices, Boundary IoU and ECE add, and the bootstrap interval of one split.
 * ``projection``: per model, the img/s a GPU at 25 % of its bf16 peak would consume at 320 x 320 and the loader
   workers that takes at the measured per-worker rate.
 * ``compile`` (``--compile-study``, minutes): eager vs ``torch.compile`` per report model.
@@ -116,6 +118,14 @@ def _run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         result["eval"][name] = speeds
         print(f"eval: {name:<20} " + "  ".join(f"batch {bs}: {v:6.2f} img/s" for bs, v in speeds.items())
               + " (full resolution, VOC-sized)", flush=True)
+
+    costs = tp.score_costs(device)
+    result["scores"] = costs
+    print("scores: seconds per validation epoch of 1449 VOC-sized images (batch 4): plain confusion matrix "
+          f"{costs['confusion_s_per_epoch']:.2f}; added: per-image matrices "
+          f"{costs['per_image_confusion_s_per_epoch']:.2f}"
+          f", Boundary IoU {costs['boundary_iou_s_per_epoch']:.2f}, ECE {costs['ece_s_per_epoch']:.2f}; bootstrap "
+          f"interval (1449 x 21 classes x 1000 resamples) {costs['bootstrap_s']:.2f}", flush=True)
 
     peak = args.peak_tflops * 1e12 * 0.25
     cached_per_worker = loader["img_s_per_worker"] * loader["decode_cache_speedup"]

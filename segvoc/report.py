@@ -25,6 +25,7 @@ from segvoc import config as _config  # noqa: F401  (registers resolvers)
 from segvoc.app import run_app
 from segvoc.data.palette import VOC_CLASSES
 from segvoc.errors import ConfigError
+from segvoc.reporting.comparison import compare, comparison_csv, comparison_markdown
 from segvoc.runs.seed_groups import METRICS, SPLITS, SeedGroup, group_by_seed, mean_std, summary_rows
 from segvoc.tables import fmt, markdown_table
 from segvoc.utils import atomic_write_text
@@ -112,22 +113,33 @@ def read_scalars(run_dir: Path, tags: Sequence[str]) -> dict[str, list[float]]:
     return {t: [v for _, _, v in sorted(s)] for t, s in series.items()}
 
 
-def loss_curve_png(run: Run, path: Path) -> bool:
-    """Train and val loss per epoch (report Figures 1, 2, 4); False when the run logged none."""
+def loss_curve_png(run: Run, path: Path, title: str | None = None) -> bool:
+    """Train and val loss per epoch (report Figures 1, 2, 4) and val mIoU on a second axis, titled by the run's
+    group and seed (``title``); False when the run logged none."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    s = read_scalars(run.path, ("train/loss_epoch", "val/loss"))
+    s = read_scalars(run.path, ("train/loss_epoch", "val/loss", "val/miou"))
     if not any(s.values()):
         return False
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
-    for tag, label in (("train/loss_epoch", "train"), ("val/loss", "validation")):
+    for tag, label in (("train/loss_epoch", "train loss"), ("val/loss", "val loss")):
         if s[tag]:
             ax.plot(range(len(s[tag])), s[tag], marker="o", label=label)
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
-    ax.set_title(f"loss: {run.experiment}")
-    ax.legend()
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    handles, labels = ax.get_legend_handles_labels()
+    if s["val/miou"]:
+        right = ax.twinx()
+        right.plot(range(len(s["val/miou"])), s["val/miou"], marker="s", color="tab:green", label="val mIoU")
+        right.set_ylabel("val mIoU")
+        right.set_ylim(0, 1)
+        more = right.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.set_title(title or f"{run.experiment} ({run.label})")
+    ax.legend(handles, labels, fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -261,12 +273,22 @@ def per_class_by_group_png(groups: Sequence[SeedGroup], path: Path) -> bool:
 
 
 def build_report(sweep: str | Sequence[str], output: Path, published: dict[str, Any], num_images: int = 4,
-                 confusion_split: str = "test", device: str = "cpu") -> dict[str, Any]:
-    """Write tables and figures for the runs under ``sweep`` into ``output``; returns what was written."""
+                 confusion_split: str = "test", device: str = "cpu",
+                 stats: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write tables and figures for the runs under ``sweep`` into ``output``; returns what was written.
+    ``stats``: ``conf/stats`` (bootstrap, confidence, seed, alpha, baseline) for the paired comparisons."""
     runs = find_runs(sweep)
     output.mkdir(parents=True, exist_ok=True)
     groups = group_by_seed([r.path for r in runs], [r.metrics for r in runs])
-    atomic_write_text(output / "results.md", results_markdown(runs, published) + groups_markdown(groups))
+    stats = stats or {}
+    comparison = compare(groups, stats)
+    link = ""
+    if comparison is not None:
+        atomic_write_text(output / "comparison.md", comparison_markdown(comparison, stats))
+        atomic_write_text(output / "comparison.csv", comparison_csv(comparison))
+        link = ("\n## Is the difference real?\n\nPaired bootstrap comparisons against the baseline group, "
+                "Holm-adjusted: [comparison.md](comparison.md) ([comparison.csv](comparison.csv)).\n")
+    atomic_write_text(output / "results.md", results_markdown(runs, published) + groups_markdown(groups) + link)
     atomic_write_text(output / "summary.csv", summary_csv(groups))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=[*RESULT_COLUMNS, *(f"iou_{c}" for c in VOC_CLASSES)])
@@ -277,8 +299,10 @@ def build_report(sweep: str | Sequence[str], output: Path, published: dict[str, 
                          **{f"iou_{c}": fmt(v, 6) for c, v in zip(VOC_CLASSES, per_class, strict=False)}})
     atomic_write_text(output / "results.csv", buf.getvalue())
     figures = []
+    titles = {run: f"{g.label}, seed {seed if seed is not None else '-'}"
+              for g in groups for run, seed in zip(g.runs, g.seeds, strict=True)}
     for r in runs:
-        for suffix, make in (("loss", lambda r, p: loss_curve_png(r, p)),
+        for suffix, make in (("loss", lambda r, p: loss_curve_png(r, p, titles.get(r.path))),
                              ("confusion", lambda r, p: confusion_png(r, confusion_split, p)),
                              ("predictions", lambda r, p: predictions_png(r, num_images, p, device))):
             p = output / f"{r.label}_{suffix}.png"
@@ -287,13 +311,15 @@ def build_report(sweep: str | Sequence[str], output: Path, published: dict[str, 
     if per_class_by_group_png(groups, output / "per_class_iou_by_group.png"):
         figures.append("per_class_iou_by_group.png")
     log.info("report of %d runs in %d groups in %s", len(runs), len(groups), output)
-    return {"runs": [str(r.path) for r in runs], "groups": [g.label for g in groups], "figures": figures}
+    return {"runs": [str(r.path) for r in runs], "groups": [g.label for g in groups], "figures": figures,
+            "comparison": comparison}
 
 
 def report(cfg: DictConfig) -> dict[str, Any]:
     sweep = list(cfg.sweep) if isinstance(cfg.sweep, ListConfig) else str(cfg.sweep)
     published = OmegaConf.to_container(cfg.published, resolve=True)
-    result = build_report(sweep, Path(cfg.output), published, int(cfg.num_images), cfg.confusion_split, cfg.device)
+    result = build_report(sweep, Path(cfg.output), published, int(cfg.num_images), cfg.confusion_split, cfg.device,
+                          OmegaConf.to_container(cfg.stats, resolve=True))
     print((Path(cfg.output) / "results.md").read_text())
     print(f"figures: {len(result['figures'])} PNGs in {cfg.output}")
     return result

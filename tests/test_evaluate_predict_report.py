@@ -417,3 +417,20 @@ def test_predict_and_evaluate_configs_apply_tta_and_infer_keys():
     pred = compose(["ckpt=x", "input=y", "tta=flip"], config_name="predict")
     assert (pred.infer.tta, pred.infer.mode) == ("flip", "auto")
     assert compose(["ckpt=x", "tta=ms_flip"], config_name="evaluate").infer.tta == "ms_flip"
+
+
+def test_loss_curves_are_titled_by_group_and_seed_with_integer_epochs_and_val_miou(trained_run, tmp_path,
+                                                                                  monkeypatch):
+    from matplotlib.figure import Figure
+
+    from segvoc.report import Run, loss_curve_png
+
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: drawn.append(fig))
+    run = Run(trained_run, json.loads((trained_run / "metrics.json").read_text()))
+    assert loss_curve_png(run, tmp_path / "loss.png", "loss=dice, seed 1")
+    ax, right = drawn[0].axes
+    assert ax.get_title() == "loss=dice, seed 1"
+    assert all(float(t).is_integer() for t in ax.get_xticks())
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train loss", "val loss", "val mIoU"]
+    assert right.get_ylabel() == "val mIoU" and len(right.lines[0].get_ydata()) == 2  # one per epoch

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from segvoc.evaluation.boundary import boundary_counts, boundary_dilation, boundary_scores_from_counts, mask_boundary
+from segvoc.evaluation.boundary import boundary_counts, boundary_dilation, boundary_scores_from_counts, label_boundary
 from segvoc.evaluation.calibration import calibration_bins, calibration_scores
 from segvoc.evaluation.metrics import confusion_counts, scores_from_confusion
 from segvoc.evaluation.per_image import PerImageRows, per_image_confusion
@@ -100,9 +100,11 @@ def test_boundary_matches_the_cv2_recipe_pixel_for_pixel(h, w, ratio):
     preds = rng.integers(0, 4, size=(2, h, w)).astype(np.uint8)
     d = boundary_dilation(h, w, ratio)
     assert d == max(1, int(round(ratio * np.sqrt(h * h + w * w))))
-    got = mask_boundary(torch.as_tensor(target == 1), d).numpy()
+    got = label_boundary(torch.as_tensor(target), d).numpy()
     for k in range(2):
-        assert np.array_equal(got[k], _cv2_boundary((target[k] == 1).astype(np.uint8), d).astype(bool))
+        for c in (0, 1, 2, 3, 255):
+            want = _cv2_boundary((target[k] == c).astype(np.uint8), d).astype(bool)
+            assert np.array_equal(got[k] & (target[k] == c), want), (k, c)
     counts = boundary_counts(torch.as_tensor(preds), torch.as_tensor(target), 4, ratio).numpy()
     for k in range(2):
         valid = target[k] != 255
@@ -113,7 +115,7 @@ def test_boundary_matches_the_cv2_recipe_pixel_for_pixel(h, w, ratio):
 
 
 def test_boundary_of_a_full_mask_is_its_border_band():
-    b = mask_boundary(torch.ones(1, 9, 11, dtype=torch.bool), 2)[0]
+    b = label_boundary(torch.zeros(1, 9, 11, dtype=torch.long), 2)[0]
     assert b[2:-2, 2:-2].sum() == 0 and b.sum() == 9 * 11 - 5 * 7
 
 
@@ -163,7 +165,8 @@ def test_holm_by_hand():
 
 def test_two_sided_p_and_verdicts():
     assert two_sided_p(np.zeros(10)) == 1.0
-    assert two_sided_p(np.array([1.0, 2.0, 3.0, -1.0])) == pytest.approx(0.5)
+    assert two_sided_p(np.array([1.0, 2.0, 3.0, -1.0])) == pytest.approx(0.8)  # 2 * (1 + 1) / (1 + 4)
+    assert two_sided_p(-np.ones(99)) == pytest.approx(0.02)  # never 0: 2 * (1 + 0) / (1 + 99)
     assert verdict(-0.1, 0.001, 0.05, "miou") == "worse"
     assert verdict(-0.1, 0.001, 0.05, "ece") == "better"
     assert verdict(0.3, 0.2, 0.05, "miou") == "not distinguishable"

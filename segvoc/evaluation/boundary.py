@@ -3,7 +3,7 @@
 Per class, the boundary of a binary mask follows the official boundary-iou-api ``mask_to_boundary``: pad the mask
 with one pixel of zeros, erode it with a 3x3 kernel ``d`` times, crop, and keep ``mask - eroded``; so pixels within
 ``d`` of the image border count as boundary. ``d = max(1, round(ratio * image diagonal))``. A d-fold 3x3 erosion
-is one (2d+1)x(2d+1) min-pool over the zero-padded mask (done here as two separable max-pools of the complement).
+is one (2d+1)x(2d+1) min-pool over the zero-padded mask; for all classes at once, see ``label_boundary``.
 Pixels labelled 255 in the truth are left out of both boundaries' counts (after extraction). Intersections and
 unions are summed per class over a split; ``boundary_miou`` is their mean IoU over classes with a non-empty union.
 """
@@ -24,14 +24,22 @@ def boundary_dilation(height: int, width: int, ratio: float) -> int:
     return max(1, int(round(ratio * math.sqrt(height ** 2 + width ** 2))))
 
 
-def mask_boundary(masks: torch.Tensor, dilation: int) -> torch.Tensor:
-    """Boolean boundary of binary masks (..., H, W): ``mask`` and not its d-fold 3x3 erosion with zeros outside."""
-    shape = masks.shape
-    m = masks.reshape(-1, 1, *shape[-2:]).float()
+def label_boundary(labels: torch.Tensor, dilation: int) -> torch.Tensor:
+    """Boolean (N, H, W): pixels of a label map (N, H, W) with another label, or the image's outside, within
+    Chebyshev distance ``dilation``. For every class c, ``label_boundary(labels, d) & (labels == c)`` is the
+    boundary of the binary mask ``labels == c`` (``mask_to_boundary``): a pixel of c survives the d-fold erosion
+    exactly when its whole (2d+1)x(2d+1) window, clipped to the zero-padded image, holds c, i.e. when the window's
+    maximum and minimum both equal c. One map for all classes: two separable max-pools, not one per class."""
     k = 2 * dilation + 1
-    outside = F.pad(1.0 - m, (dilation,) * 4, value=1.0)  # the complement, with everything outside the image set
-    hit = F.max_pool2d(F.max_pool2d(outside, (k, 1), stride=1), (1, k), stride=1)  # a zero within d (Chebyshev)
-    return (m.bool() & (hit > 0.5)).reshape(shape)  # in the mask, not in its erosion
+    x = labels.unsqueeze(1).float()
+    pad = (dilation,) * 4
+
+    def window_max(t: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(F.max_pool2d(t, (k, 1), stride=1), (1, k), stride=1)
+
+    high = window_max(F.pad(x, pad, value=-1.0))    # outside: -1, never the maximum of a class ...
+    low = -window_max(F.pad(-x, pad, value=1.0))    # ... but always the minimum (-1 < every label)
+    return ((high != x) | (low != x)).squeeze(1)
 
 
 def boundary_counts(preds: torch.Tensor, target: torch.Tensor, num_classes: int, ratio: float = 0.02,
@@ -40,15 +48,21 @@ def boundary_counts(preds: torch.Tensor, target: torch.Tensor, num_classes: int,
     ``target`` (N, H, W); no host sync."""
     n, h, w = target.shape
     d = boundary_dilation(h, w, ratio)
+    target, preds = target.long(), preds.long()
     valid = target != ignore_index
-    classes = torch.arange(num_classes, device=target.device).view(1, -1, 1, 1)
-    truth = target.unsqueeze(1) == classes          # 255 matches no class
-    pred = preds.unsqueeze(1).long() == classes
-    b = mask_boundary(torch.cat([truth, pred]), d)
-    bt, bp = b[:n] & valid.unsqueeze(1), b[n:] & valid.unsqueeze(1)
-    inter = (bt & bp).sum((2, 3))
-    union = (bt | bp).sum((2, 3))
-    return torch.stack([inter, union], 1).long()
+    b = label_boundary(torch.cat([target, preds]), d)
+    bt, bp = b[:n] & valid, b[n:] & valid          # 255 is no class: its pixels are in no truth boundary
+    image = torch.arange(n, device=target.device).view(-1, 1, 1) * num_classes
+    spare = torch.full_like(target, n * num_classes)
+    size = n * num_classes + 1
+
+    def count(where: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        idx = torch.where(where, image + label, spare).reshape(-1)
+        return torch.bincount(idx, minlength=size)[:-1].reshape(n, num_classes)
+
+    inter = count(bt & bp & (target == preds), target)
+    union = count(bt, target) + count(bp, preds) - inter
+    return torch.stack([inter, union], 1)
 
 
 class BoundaryIoU(Metric):

@@ -123,13 +123,15 @@ def bootstrap_ci(per_image: Mapping[str, np.ndarray], resamples: int = 1000, con
 
 
 def two_sided_p(deltas: np.ndarray) -> float:
-    """Bootstrap two-sided p-value of ``delta == 0``: twice the smaller tail share of the resampled deltas, at
-    most 1 (NaN deltas dropped; 1.0 when every delta is 0)."""
+    """Bootstrap two-sided p-value of ``delta == 0``: twice the smaller tail share of the resampled deltas, each
+    tail counted as (1 + k) / (1 + B) so that B resamples never claim p = 0; at most 1 (NaN deltas dropped; 1.0
+    when every delta is 0)."""
     d = np.asarray(deltas, dtype=np.float64)
     d = d[~np.isnan(d)]
     if d.size == 0:
         return float("nan")
-    return float(min(1.0, 2 * min(np.mean(d <= 0), np.mean(d >= 0))))
+    tail = min(np.sum(d <= 0), np.sum(d >= 0))
+    return float(min(1.0, 2 * (1 + tail) / (1 + d.size)))
 
 
 def holm(pvalues: list[float]) -> list[float]:

@@ -292,3 +292,43 @@ def break_even_images(compile_s: float, eager_img_s: float, compiled_img_s: floa
     saved_per_image = 1 / eager_img_s - 1 / compiled_img_s
     return compile_s / saved_per_image if saved_per_image > 0 else None
 
+
+
+def score_costs(device: torch.device, images: int = 1449, batch_size: int = 4, height: int = 375, width: int = 500,
+                batches: int = 3, resamples: int = 1000) -> dict[str, float]:
+    """Seconds per validation epoch of ``images`` VOC-sized images that each score costs on ``device``, measured on
+    ``batches`` random batches and scaled: the plain confusion matrix, and what the per-image matrices, Boundary
+    IoU and ECE add; plus the bootstrap interval of one split (``images`` x 21 classes x ``resamples``)."""
+    import numpy as np
+
+    from segvoc.evaluation.boundary import boundary_counts
+    from segvoc.evaluation.calibration import calibration_bins
+    from segvoc.evaluation.metrics import confusion_counts
+    from segvoc.evaluation.per_image import per_image_confusion
+    from segvoc.evaluation.statistics import bootstrap_ci
+
+    c = len(VOC_CLASSES)
+    g = torch.Generator().manual_seed(0)
+    log_probs = torch.randn(batch_size, c, height, width, generator=g).log_softmax(1).to(device)
+    target = torch.randint(0, c, (batch_size, height, width), generator=g).to(device)
+    preds = log_probs.argmax(1)
+    steps = {"confusion": lambda: confusion_counts(preds, target, c),
+             "per_image_confusion": lambda: per_image_confusion(preds, target, c),
+             "boundary_iou": lambda: boundary_counts(preds, target, c),
+             "ece": lambda: calibration_bins(log_probs, target)}
+    out: dict[str, float] = {}
+    for name, step in steps.items():
+        step()
+        sync(device)
+        started = time.perf_counter()
+        for _ in range(batches):
+            step()
+        sync(device)
+        out[f"{name}_s_per_epoch"] = (time.perf_counter() - started) / (batches * batch_size) * images
+    rng = np.random.default_rng(0)
+    per_image = {"confusion": rng.integers(0, 5000, size=(images, c, c)),
+                 "boundary": rng.integers(0, 500, size=(images, 2, c))}
+    started = time.perf_counter()
+    bootstrap_ci(per_image, resamples)
+    out["bootstrap_s"] = time.perf_counter() - started
+    return out

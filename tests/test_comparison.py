@@ -1,0 +1,141 @@
+"""Paired comparisons in the report (segvoc.reporting.comparison) on run directories holding per-image files."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from segvoc.errors import ConfigError
+from segvoc.report import build_report
+from segvoc.reporting.comparison import compare
+from segvoc.runs.directory import write_per_image
+from segvoc.runs.seed_groups import group_by_seed
+
+STATS = {"bootstrap": 400, "confidence": 0.95, "seed": 0, "alpha": 0.05, "baseline": None}
+
+
+def _per_image(ids: list[str], quality: float, seed: int) -> dict[str, np.ndarray]:
+    """Per-image arrays of 3 classes: ``quality`` of each image's class-1 pixels predicted right."""
+    rng = np.random.default_rng(seed)
+    n = len(ids)
+    conf = np.zeros((n, 3, 3), dtype=np.int64)
+    conf[:, 0, 0] = rng.integers(900, 1000, n)
+    ones = rng.integers(80, 120, n)
+    conf[:, 1, 1] = (ones * quality).astype(np.int64)
+    conf[:, 1, 0] = ones - conf[:, 1, 1]
+    boundary = np.stack([conf[:, :, :].diagonal(axis1=1, axis2=2) // 10, conf.sum(2) // 10 + 1], 1)
+    calibration = np.zeros((n, 3, 15))
+    calibration[:, 0, 14] = conf.sum((1, 2))
+    calibration[:, 1, 14] = conf.sum((1, 2)) * 0.97
+    calibration[:, 2, 14] = np.trace(conf, axis1=1, axis2=2)
+    return {"confusion": conf, "boundary": boundary, "calibration": calibration}
+
+
+def _run(root: Path, name: str, option: str, seed: int, ids: list[str], quality: float) -> None:
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(f"seed: {seed}\noption: {option}\n")
+    (run / ".hydra" / "overrides.yaml").write_text(f"- option={option}\n- seed={seed}\n")
+    (run / "metrics.json").write_text('{"test": {"miou": 0.5}}')
+    write_per_image(run, "test", ids, _per_image(ids, quality, seed))
+
+
+def _sweep(tmp_path: Path, quality_b: float, ids_b: list[str] | None = None) -> Path:
+    ids = [f"img{k:02d}" for k in range(40)]
+    for seed in range(3):
+        _run(tmp_path, f"a{seed}", "a", seed, ids, 0.8)
+        _run(tmp_path, f"b{seed}", "b", seed, ids_b or ids, quality_b)
+    return tmp_path
+
+
+def _groups(root: Path):
+    runs = sorted(p for p in root.iterdir() if (p / "metrics.json").is_file())
+    return group_by_seed(runs, [{} for _ in runs])
+
+
+def test_a_real_drop_is_worse_with_an_interval_excluding_zero(tmp_path):
+    result = compare(_groups(_sweep(tmp_path, quality_b=0.6)), STATS)
+    rows = {r["metric"]: r for r in result.rows}
+    miou = rows["miou"]
+    assert (miou["group"], miou["baseline"], miou["n_runs"]) == ("option=b", "option=a", "3 vs 3")
+    assert miou["verdict"] == "worse" and miou["ci_hi"] < 0 < miou["p_holm"] < 0.05
+    assert rows["pixel_acc"]["verdict"] == "worse"
+    smallest = min(r["p"] for r in result.rows)  # Holm: the smallest p times the number of comparisons
+    assert min(r["p_holm"] for r in result.rows) == pytest.approx(min(1.0, len(result.rows) * smallest))
+    assert [v["group"] for v in result.variance] == ["option=a", "option=b"]
+    assert all(v["std_seeds"] > 0 and v["std_images"] > 0 for v in result.variance)
+
+
+def test_the_same_quality_is_not_distinguishable(tmp_path):
+    result = compare(_groups(_sweep(tmp_path, quality_b=0.8)), STATS)
+    assert {r["verdict"] for r in result.rows} == {"not distinguishable"}
+    assert all(r["ci_lo"] <= 0 <= r["ci_hi"] for r in result.rows)
+
+
+def test_baseline_is_chosen_by_label_and_unknown_labels_are_refused(tmp_path):
+    groups = _groups(_sweep(tmp_path, quality_b=0.6))
+    result = compare(groups, {**STATS, "baseline": "option=b"})
+    assert {(r["group"], r["baseline"]) for r in result.rows} == {("option=a", "option=b")}
+    assert {r["verdict"] for r in result.rows if r["metric"] == "miou"} == {"better"}
+    with pytest.raises(ConfigError, match="stats.baseline='nope'"):
+        compare(groups, {**STATS, "baseline": "nope"})
+
+
+def test_runs_without_the_same_test_ids_fall_back_to_unpaired(tmp_path):
+    other = [f"other{k:02d}" for k in range(40)]
+    result = compare(_groups(_sweep(tmp_path, quality_b=0.6, ids_b=other)), STATS)
+    assert any("unpaired bootstrap" in n for n in result.notes)
+    assert all(r["verdict"].endswith("(unpaired)") for r in result.rows)
+
+
+def test_report_writes_comparison_files_linked_from_results(tmp_path):
+    sweep = _sweep(tmp_path / "sweep", quality_b=0.6)
+    build_report(str(sweep), tmp_path / "out", published={}, num_images=0, stats=STATS)
+    rows = list(csv.DictReader((tmp_path / "out" / "comparison.csv").open()))
+    assert list(rows[0]) == ["group", "baseline", "metric", "n_runs", "delta", "ci_lo", "ci_hi", "p", "p_holm",
+                             "verdict"]
+    assert [r["metric"] for r in rows] == ["miou", "pixel_acc", "boundary_miou", "ece"]
+    assert "[comparison.md](comparison.md)" in (tmp_path / "out" / "results.md").read_text()
+    md = (tmp_path / "out" / "comparison.md").read_text()
+    assert "| option=b | option=a | miou | 3 vs 3 |" in md and "Where the variance comes from" in md
+
+
+@pytest.fixture(scope="module")
+def trained_sweep(tmp_path_factory, synthetic_root) -> Path:
+    """Three real runs on the synthetic set, scored on the training images (val list = train list) so that a
+    dozen epochs learn something: trained (log_images=4), the same with log_images=2, and one stopped after 1
+    step."""
+    import shutil
+
+    from segvoc.train import train
+    from tests.conftest import make_cfg
+
+    data = tmp_path_factory.mktemp("overfit") / "synthetic"
+    shutil.copytree(synthetic_root, data)
+    sets = data / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation"
+    (sets / "val.txt").write_text((sets / "train.txt").read_text())
+    root = tmp_path_factory.mktemp("sweep")
+    common = ["data=synthetic", "data.synthetic=null", "logger=none", "debug=overfit", "data.image_size=80",
+              "data.num_workers=0", "trainer.max_epochs=12", "data.subset=4"]
+    for name, extra in (("0_trained", ["log_images=4"]), ("1_log_images", ["log_images=2"]),
+                        ("2_one_step", ["+trainer.max_steps=1"])):
+        train(make_cfg(root / name, *common, *extra, data_root=data))
+    return root
+
+
+@pytest.mark.slow
+def test_paired_bootstrap_on_real_runs(trained_sweep, tmp_path):
+    """A run stopped after 1 step is worse than the trained one (interval excluding 0); log_images, which changes
+    only the TensorBoard grid, is not distinguishable."""
+    result = build_report(str(trained_sweep), tmp_path, published={}, num_images=0, stats=STATS)["comparison"]
+    rows = {(r["group"], r["metric"]): r for r in result.rows}
+    assert {r["baseline"] for r in result.rows} == {"0_trained"}
+    worse = rows[("2_one_step", "miou")]
+    assert worse["verdict"] == "worse" and worse["ci_hi"] < 0, worse
+    assert rows[("2_one_step", "pixel_acc")]["verdict"] == "worse"
+    for metric in ("miou", "pixel_acc", "boundary_miou", "ece"):
+        same = rows[("1_log_images", metric)]
+        assert same["verdict"] == "not distinguishable" and same["delta"] == 0, same
