@@ -37,6 +37,7 @@ from segvoc.utils import write_json
 REPORT_MODELS = ["fcn_baseline", "fcn_dilated", "resnet34_transfer", "unet"]
 REFERENCE_MODELS = ["fcn_resnet50", "deeplabv3_resnet50"]
 PROJECTION_SIZE = 320  # the report's training crop
+SECTIONS = ("null", "models", "loader", "fit", "eval", "scores")
 
 
 def model_config(model: str, args: argparse.Namespace, out: Path, *extra: str) -> Any:
@@ -76,9 +77,25 @@ def _run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "settings": {"image_size": args.image_size, "batch_size": args.batch_size, "steps": args.steps,
                      "warmup": args.warmup, "precision": args.precision, "channels_last": args.channels_last,
                      "compile": args.compile},
-        "models": {}, "fit": {}, "eval": {}, "projection": {}}
-    print(f"models: {args.image_size}x{args.image_size}, batch {args.batch_size}, {args.steps} interleaved steps "
-          f"after {args.warmup} ({result['device']}, {result['threads']} threads)", flush=True)
+        "overhead": {}, "models": {}, "fit": {}, "eval": {}, "projection": {}}
+    if "null" in args.sections:
+        cfg = model_config("null_conv", args, out / "null", "data.batch_size=2")
+        row = tp.framework_cost(cfg, 2, 32, args.warmup, args.null_steps, device, args.precision)
+        result["overhead"]["null"] = row
+        print(f"overhead (null model: one 1x1 conv, 32x32, batch 2, {row['steps']} steps each): plain "
+              f"{row['plain_ms']:.2f} +- {row['plain_spread_ms']:.2f} ms/step, lightning_floor "
+              f"{row['lightning_floor_ms']:.2f} +- {row['lightning_floor_spread_ms']:.2f}, segvoc "
+              f"{row['segvoc_ms']:.2f} +- {row['segvoc_spread_ms']:.2f}; segvoc - floor "
+              f"{row['segvoc_minus_floor_ms']:+.2f} ms", flush=True)
+    if "models" not in args.sections:
+        args.models = []
+    if "fit" not in args.sections:
+        args.fit_models = []
+    if "eval" not in args.sections:
+        args.eval_models = []
+    if args.models:
+        print(f"models: {args.image_size}x{args.image_size}, batch {args.batch_size}, {args.steps} interleaved steps "
+              f"after {args.warmup} ({result['device']}, {result['threads']} threads)", flush=True)
     for name in args.models:
         cfg = model_config(name, args, out / name)
         if device.type == "cuda":
@@ -93,14 +110,15 @@ def _run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
               f"  ratio {row['ratio']:.3f} +- {row['ratio_spread']:.3f}  {row['train_gflop_per_img']:6.1f} GFLOP/img"
               f" at {PROJECTION_SIZE}  {row['achieved_gflop_s']:6.1f} GFLOP/s", flush=True)
 
-    data_cfg = tp.voc_sized_config(out / "data", args.fit_batch_size, args.workers, device)
-    loader = tp.loader(data_cfg, args.loader_batches)
-    result["loader"] = loader
-    print(f"loader: {loader['source_size']} JPEGs -> {loader['crop']} crops: {loader['img_s']:.1f} img/s with "
-          f"{loader['workers']} workers, {loader['img_s_per_worker']:.1f} img/s per worker; decoding "
-          f"{loader['decode_ms_per_image']:.1f} ms/img = {loader['decode_share']:.0%} of a worker's time; with "
-          f"data.decode_cache=true {loader['img_s_decode_cache']:.1f} img/s (x{loader['decode_cache_speedup']:.2f} "
-          "per worker)", flush=True)
+    if "loader" in args.sections:
+        data_cfg = tp.voc_sized_config(out / "data", args.fit_batch_size, args.workers, device)
+        loader = tp.loader(data_cfg, args.loader_batches)
+        result["loader"] = loader
+        print(f"loader: {loader['source_size']} JPEGs -> {loader['crop']} crops: {loader['img_s']:.1f} img/s with "
+              f"{loader['workers']} workers, {loader['img_s_per_worker']:.1f} img/s per worker; decoding "
+              f"{loader['decode_ms_per_image']:.1f} ms/img = {loader['decode_share']:.0%} of a worker's time; with "
+              f"data.decode_cache=true {loader['img_s_decode_cache']:.1f} img/s "
+              f"(x{loader['decode_cache_speedup']:.2f} per worker)", flush=True)
 
     for name in args.fit_models:
         cfg = model_config(name, args, out / f"fit_{name}", "data=synthetic_voc", "augment=report",
@@ -119,30 +137,32 @@ def _run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         print(f"eval: {name:<20} " + "  ".join(f"batch {bs}: {v:6.2f} img/s" for bs, v in speeds.items())
               + " (full resolution, VOC-sized)", flush=True)
 
-    costs = tp.score_costs(device)
-    result["scores"] = costs
-    print("scores: seconds per validation epoch of 1449 VOC-sized images (batch 4): plain confusion matrix "
-          f"{costs['confusion_s_per_epoch']:.2f}; added: per-image matrices "
-          f"{costs['per_image_confusion_s_per_epoch']:.2f}"
-          f", Boundary IoU {costs['boundary_iou_s_per_epoch']:.2f}, ECE {costs['ece_s_per_epoch']:.2f}; bootstrap "
-          f"interval (1449 x 21 classes x 1000 resamples) {costs['bootstrap_s']:.2f}", flush=True)
+    if "scores" in args.sections:
+        costs = tp.score_costs(device)
+        result["scores"] = costs
+        print("scores: seconds per validation epoch of 1449 VOC-sized images (batch 4): plain confusion matrix "
+              f"{costs['confusion_s_per_epoch']:.2f}; added: per-image matrices "
+              f"{costs['per_image_confusion_s_per_epoch']:.2f}"
+              f", Boundary IoU {costs['boundary_iou_s_per_epoch']:.2f}, ECE {costs['ece_s_per_epoch']:.2f}; bootstrap "
+              f"interval (1449 x 21 classes x 1000 resamples) {costs['bootstrap_s']:.2f}", flush=True)
 
-    peak = args.peak_tflops * 1e12 * 0.25
-    cached_per_worker = loader["img_s_per_worker"] * loader["decode_cache_speedup"]
-    print(f"projection: a GPU at 25% of {args.peak_tflops:.0f} TFLOP/s ({args.peak_name}) at {PROJECTION_SIZE}x"
-          f"{PROJECTION_SIZE}, fed at {loader['img_s_per_worker']:.1f} img/s per worker "
-          f"({cached_per_worker:.1f} with data.decode_cache=true):")
-    for name, row in result["models"].items():
-        img_s = peak / (row["train_gflop_per_img"] * 1e9)
-        here = row["task_train_img_s"] * (args.image_size / PROJECTION_SIZE) ** 2  # FLOP-scaled to 320
-        proj = {"train_gflop_per_img": row["train_gflop_per_img"], "gpu_img_s_at_25pct_peak": img_s,
-                "workers_for_gpu": math.ceil(img_s / loader["img_s_per_worker"]),
-                "workers_for_gpu_decode_cache": math.ceil(img_s / cached_per_worker),
-                "train_img_s_here_est": here, "workers_for_here": math.ceil(here / loader["img_s_per_worker"])}
-        result["projection"][name] = proj
-        print(f"  {name:<20} {row['train_gflop_per_img']:6.1f} GFLOP/img  {img_s:8.0f} img/s  "
-              f"{proj['workers_for_gpu']:4d} workers ({proj['workers_for_gpu_decode_cache']} cached)  "
-              f"(this CPU: ~{here:.1f} img/s, {proj['workers_for_here']} worker)", flush=True)
+    if "loader" in result and result["models"]:
+        peak = args.peak_tflops * 1e12 * 0.25
+        cached_per_worker = loader["img_s_per_worker"] * loader["decode_cache_speedup"]
+        print(f"projection: a GPU at 25% of {args.peak_tflops:.0f} TFLOP/s ({args.peak_name}) at {PROJECTION_SIZE}x"
+              f"{PROJECTION_SIZE}, fed at {loader['img_s_per_worker']:.1f} img/s per worker "
+              f"({cached_per_worker:.1f} with data.decode_cache=true):")
+        for name, row in result["models"].items():
+            img_s = peak / (row["train_gflop_per_img"] * 1e9)
+            here = row["task_train_img_s"] * (args.image_size / PROJECTION_SIZE) ** 2  # FLOP-scaled to 320
+            proj = {"train_gflop_per_img": row["train_gflop_per_img"], "gpu_img_s_at_25pct_peak": img_s,
+                    "workers_for_gpu": math.ceil(img_s / loader["img_s_per_worker"]),
+                    "workers_for_gpu_decode_cache": math.ceil(img_s / cached_per_worker),
+                    "train_img_s_here_est": here, "workers_for_here": math.ceil(here / loader["img_s_per_worker"])}
+            result["projection"][name] = proj
+            print(f"  {name:<20} {row['train_gflop_per_img']:6.1f} GFLOP/img  {img_s:8.0f} img/s  "
+                  f"{proj['workers_for_gpu']:4d} workers ({proj['workers_for_gpu_decode_cache']} cached)  "
+                  f"(this CPU: ~{here:.1f} img/s, {proj['workers_for_here']} worker)", flush=True)
 
     if args.compile_study:
         result["compile"] = {}
@@ -188,6 +208,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=989.4, help="GPU bf16 dense peak for the projection")
     p.add_argument("--peak-name", default="NVIDIA H100 SXM bf16 dense")
     p.add_argument("--compile-study", action="store_true", help="also time torch.compile per report model (slow)")
+    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
+                   help="which sections to run (projection needs models and loader)")
+    p.add_argument("--null-steps", type=int, default=20,
+                   help="timed steps per fit in the null overhead section (4 rounds of floor and segvoc fits)")
     p.add_argument("--json", default="outputs/bench.json")
     args = p.parse_args(argv)
     gpu = args.device == "cuda"

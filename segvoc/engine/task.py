@@ -28,6 +28,15 @@ from segvoc.evaluation.per_image import PerImageRows, per_image_confusion
 EVAL_SPLITS = ("val", "test")
 
 
+def seed_generators(seed: int) -> None:
+    """Seed the CPU generator and, once CUDA is in use, the CUDA generators. ``torch.manual_seed`` would do the
+    same but, while CUDA is not initialised (any CPU run), records a traceback of the whole call stack for a lazy
+    CUDA seeding on every call: about 1 ms per training step inside Lightning (``segvoc.bench``, overhead.null)."""
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_initialized():
+        torch.cuda.manual_seed_all(seed)
+
+
 class SegmentationTask(pl.LightningModule):
     """Wraps any segmentation ``nn.Module``: loss, optimiser/scheduler from config, dataset-level metrics.
 
@@ -98,7 +107,7 @@ class SegmentationTask(pl.LightningModule):
         # dropout & co. draw from a generator seeded by (seed, epoch, batch of the epoch, rank): every micro-batch of
         # an accumulation window and every DDP rank draws its own masks, and a resumed run replays them exactly
         index = epoch_position(self.trainer)[0]  # batches already trained in this epoch (restored on resume)
-        torch.manual_seed(mix_seed(self.seed, self.current_epoch, index, self.global_rank))
+        seed_generators(mix_seed(self.seed, self.current_epoch, index, self.global_rank))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self.feature_cache is not None:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, open_dict
 from pytorch_lightning.callbacks import Callback
@@ -79,8 +80,8 @@ class InterleavedPlainStep(Callback):
     included); the plain step is timed on its own. Alternating step by step puts both under the same machine
     conditions, so their ratio does not drift with the load of the machine."""
 
-    def __init__(self, plain: PlainStep, warmup: int) -> None:
-        self.plain, self.warmup = plain, warmup
+    def __init__(self, plain: PlainStep, warmup: int, clock: Any = time.perf_counter) -> None:
+        self.plain, self.warmup, self.clock = plain, warmup, clock
         self.task_s: list[float] = []
         self.plain_s: list[float] = []
         self._mark: float | None = None
@@ -88,24 +89,39 @@ class InterleavedPlainStep(Callback):
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self._mark is None:  # the first step has nothing before it to time from
             sync(self.plain.device)
-            self._mark = time.perf_counter()
+            self._mark = self.clock()
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         sync(self.plain.device)
-        t0 = time.perf_counter()
+        t0 = self.clock()
         task = t0 - (self._mark or t0)
         self.plain()
         sync(self.plain.device)
-        t1 = time.perf_counter()
+        t1 = self.clock()
         if batch_idx >= self.warmup:
             self.task_s.append(task)
             self.plain_s.append(t1 - t0)
-        self._mark = time.perf_counter()
+        self._mark = self.clock()
 
 
 def _repeat(batch: dict, n: int) -> DataLoader:
     """A loader that yields the same in-memory (already on-device) batch ``n`` times, without collation."""
     return DataLoader([batch] * n, batch_size=None, shuffle=False)
+
+
+def _interleaved_fit(module: pl.LightningModule, trainer: pl.Trainer, plain: PlainStep, batch: dict, warmup: int,
+                     steps: int, val: dict | None = None, clock: Any = time.perf_counter) -> InterleavedPlainStep:
+    """``trainer.fit(module)`` on ``warmup + steps`` copies of ``batch`` with ``plain`` run after each step."""
+    probe = InterleavedPlainStep(plain, warmup, clock)
+    trainer.callbacks.append(probe)
+    with warnings.catch_warnings():
+        # a one-batch validation loader and a tiny epoch are what this probe wants; Lightning warns about both
+        warnings.filterwarnings("ignore", message=r".*(does not have many workers|number of training batches).*")
+        # a frozen encoder (resnet34_transfer) stays in eval mode on purpose
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        trainer.fit(module, train_dataloaders=_repeat(batch, warmup + steps),
+                    val_dataloaders=_repeat(val, 1) if val is not None else None)
+    return probe
 
 
 def overhead(cfg: DictConfig, batch_size: int, size: int, warmup: int, steps: int, device: torch.device,
@@ -116,22 +132,83 @@ def overhead(cfg: DictConfig, batch_size: int, size: int, warmup: int, steps: in
     x, y = random_batch(batch_size, size, device)
     task = build_task(cfg, pretrained=False)
     plain = PlainStep(copy.deepcopy(task.model), cfg, (x, y), device, precision)
-    probe = InterleavedPlainStep(plain, warmup)
-    trainer = build_trainer(cfg)
-    trainer.callbacks.append(probe)
     batch = {"image": x, "mask": y, "id": ["bench"] * len(x)}
     val = {"image": x[:1, :, :32, :32], "mask": y[:1, :32, :32], "id": ["bench"]}
-    with warnings.catch_warnings():
-        # a one-batch validation loader and a tiny epoch are what this probe wants; Lightning warns about both
-        warnings.filterwarnings("ignore", message=r".*(does not have many workers|number of training batches).*")
-        # a frozen encoder (resnet34_transfer) stays in eval mode on purpose
-        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-        trainer.fit(task, train_dataloaders=_repeat(batch, warmup + steps), val_dataloaders=_repeat(val, 1))
+    probe = _interleaved_fit(task, build_trainer(cfg), plain, batch, warmup, steps, val)
     ratios = [p / t for p, t in zip(probe.plain_s, probe.task_s, strict=True)]
     ratio, spread = quantiles(ratios)
     return {"plain_train_img_s": batch_size / statistics.median(probe.plain_s),
             "task_train_img_s": batch_size / statistics.median(probe.task_s),
             "ratio": ratio, "ratio_spread": spread, "steps": len(ratios)}
+
+
+class FloorModule(pl.LightningModule):
+    """The Lightning floor: a bare ``LightningModule`` with the plain step's model, normalisation, loss and Adam,
+    logging its loss as ``SegmentationTask`` does (``on_step`` and ``on_epoch``), and nothing else."""
+
+    def __init__(self, plain: PlainStep) -> None:
+        super().__init__()
+        self.model, self.norm, self.crit = plain.model, plain.norm, plain.crit
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.crit(self.model(self.norm(batch["image"])), batch["mask"])
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(batch["image"]))
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=1e-3)
+
+
+def framework_cost(cfg: DictConfig, batch_size: int, size: int, warmup: int, steps: int, device: torch.device,
+                   precision: str, rounds: int = 4) -> dict[str, float]:
+    """ms per training step of the bare loop (``plain``), a bare LightningModule (``lightning_floor``) and
+    ``SegmentationTask`` with the run's callbacks and loggers (``segvoc``), each Lightning fit with plain steps
+    interleaved (``InterleavedPlainStep``); floor and segvoc fits alternate ``rounds`` times. Medians over the
+    steps, ``*_spread`` half their IQR; ``segvoc_minus_floor_ms`` is the difference of the paired per-step costs
+    (fit step - plain step) of the two. On a CPU: one intra-op thread (ops this small gain nothing from more, and on
+    a busy CPU every multi-threaded op waits for a second core) and the main thread's CPU time as the clock (all
+    work of a step then runs on it; wall time on a shared machine would time the machine's load). On CUDA: wall
+    time after a device sync."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _framework_cost(cfg, batch_size, size, warmup, steps, device, precision, rounds)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _framework_cost(cfg: DictConfig, batch_size: int, size: int, warmup: int, steps: int, device: torch.device,
+                    precision: str, rounds: int) -> dict[str, float]:
+    x, y = random_batch(batch_size, size, device)
+    batch = {"image": x, "mask": y, "id": ["bench"] * len(x)}
+    val = {"image": x[:1], "mask": y[:1], "id": ["bench"]}
+    clock = time.perf_counter if device.type == "cuda" else time.thread_time
+    times: dict[str, list[float]] = {"plain": [], "lightning_floor": [], "segvoc": []}
+    extra: dict[str, list[float]] = {"lightning_floor": [], "segvoc": []}
+    trainer_kwargs = {k: v for k, v in dict(cfg.trainer).items() if k not in ("enable_checkpointing",)}
+    trainer_kwargs.update(enable_model_summary=False, num_sanity_val_steps=0)
+    for _ in range(rounds):
+        for kind in ("lightning_floor", "segvoc"):
+            task = build_task(cfg, pretrained=False)
+            plain = PlainStep(copy.deepcopy(task.model), cfg, (x, y), device, precision)
+            if kind == "segvoc":
+                probe = _interleaved_fit(task, build_trainer(cfg), plain, batch, warmup, steps, val, clock)
+            else:
+                floor = FloorModule(PlainStep(copy.deepcopy(task.model), cfg, (x, y), device, precision))
+                trainer = pl.Trainer(**trainer_kwargs, logger=False, enable_checkpointing=False, callbacks=[])
+                probe = _interleaved_fit(floor, trainer, plain, batch, warmup, steps, clock=clock)
+            times["plain"] += probe.plain_s
+            times[kind] += probe.task_s
+            extra[kind] += [t - p for t, p in zip(probe.task_s, probe.plain_s, strict=True)]
+    result: dict[str, float] = {}
+    for kind, values in times.items():
+        med, spread = quantiles([1000 * v for v in values])
+        result[f"{kind}_ms"], result[f"{kind}_spread_ms"] = med, spread
+    result["segvoc_minus_floor_ms"] = 1000 * (statistics.median(extra["segvoc"])
+                                              - statistics.median(extra["lightning_floor"]))
+    result["steps"] = len(times["segvoc"])
+    result["clock"] = "wall" if device.type == "cuda" else "main-thread CPU time, 1 thread"
+    return result
 
 
 def train_gflop_per_image(cfg: DictConfig, size: int, device: torch.device) -> float:
