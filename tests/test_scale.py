@@ -40,13 +40,38 @@ def ddp_run(tmp_path_factory, synthetic_root) -> Path:
     return out
 
 
-def test_ddp_training_writes_one_run_directory(ddp_run):
+def test_ddp_training_writes_one_run_directory(ddp_run, synthetic_root, tmp_path):
+    """The 2-process run against a 1-process run of the same command. Equal: the splits, the images of an epoch
+    (each rank takes every 2nd of the same permutation, padded by wrapping) and, given the same weights, the
+    evaluation: training's own metrics.json equals a 1-process evaluate of its checkpoint. Not equal: the steps
+    (5 images, batch 2 per process: 2 steps of 2 in one process, 1 step of 2 x 2 under DDP), so the weights."""
+    import torch
+
     assert [p.name for p in ddp_run.iterdir()] == ["run"]
     run = ddp_run / "run"
     metrics = json.loads((run / "metrics.json").read_text())
-    assert 0 <= metrics["test"]["miou"] <= 1
     assert (run / "checkpoints" / "best.ckpt").is_file()
     assert len(list((run / "tb").glob("events.out.tfevents.*"))) >= 1
+    single = tmp_path / "single"
+    r = _cli("segvoc.train", *_smoke(synthetic_root), "trainer=cpu", "trainer.max_epochs=1",
+             "trainer.log_every_n_steps=1", "data.image_size=64", "data.num_workers=0", "data.batch_size=2",
+             f"hydra.run.dir={single}", f"paths.output_root={tmp_path}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for split in ("train", "val", "test"):
+        assert (run / "splits" / f"{split}.txt").read_text() == (single / "splits" / f"{split}.txt").read_text()
+    n_train = len((run / "splits" / "train.txt").read_text().split())
+    steps = {name: torch.load(d / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+             for name, d in (("ddp", run), ("single", single))}
+    assert n_train == 5 and steps == {"ddp": (-(-n_train // 2)) // 2, "single": n_train // 2} == {"ddp": 1, "single": 2}
+    r = _cli("segvoc.evaluate", f"ckpt={run}/checkpoints/best.ckpt", "split=test", "trainer=cpu",
+             "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}/eval")
+    assert r.returncode == 0, r.stderr[-3000:]
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())["test"]
+    for key in ("miou", "pixel_acc", "mean_class_acc", "per_class_iou", "epoch"):
+        assert metrics["test"][key] == evaluated[key], key
+    assert metrics["test"]["loss"] == pytest.approx(evaluated["loss"], rel=1e-6)
+    assert json.loads((run / "confusion.json").read_text())["test"] == \
+        json.loads((tmp_path / "eval" / "confusion.json").read_text())["test"]
 
 
 def test_ddp_evaluate_equals_single_process_on_odd_split(ddp_run, tmp_path):
@@ -60,9 +85,11 @@ def test_ddp_evaluate_equals_single_process_on_odd_split(ddp_run, tmp_path):
         res[devices] = json.loads((tmp_path / f"d{devices}" / "metrics.json").read_text())["val"]
         assert len((ddp_run / "run" / "splits" / "val.txt").read_text().split()) == 5
     one, two = res[1], res[2]
+    trained = json.loads((ddp_run / "run" / "metrics.json").read_text())["val"]  # training's own (DDP) scores
     for key in ("miou", "pixel_acc", "mean_class_acc", "per_class_iou", "epoch"):
-        assert one[key] == two[key], key
-    assert one["loss"] == pytest.approx(two["loss"], rel=1e-6)
+        assert one[key] == two[key] == trained[key], key
+    assert one["loss"] == pytest.approx(two["loss"], rel=1e-6) and one["loss"] == pytest.approx(trained["loss"],
+                                                                                                 rel=1e-6)
     c1 = json.loads((tmp_path / "d1" / "confusion.json").read_text())
     c2 = json.loads((tmp_path / "d2" / "confusion.json").read_text())
     assert c1 == c2  # every pixel counted exactly once
