@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXP ?= experiment=4a_baseline
 
-.PHONY: install demo train test test-fast lint report bench tensorboard clean
+.PHONY: install demo train test test-fast lint report bench gpu-check tensorboard clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ report: install  ## smoke sweep of the six report presets on synthetic data, the
 
 bench: install  ## CPU speed benchmark (segvoc.bench)
 	$(PY) -m segvoc.bench
+
+gpu-check: install  ## one-shot GPU check (<= 8 min on one GPU): outputs/gpu_check.json + a README-ready table
+	$(PY) -m segvoc.bench --gpu-check
 
 tensorboard: install
 	$(VENV)/bin/tensorboard --logdir outputs

@@ -183,6 +183,43 @@ def _run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     return result
 
 
+def gpu_check(args: argparse.Namespace) -> dict[str, Any]:
+    """``--gpu-check``: the one-shot GPU check (``segvoc.reporting.gpu_check``); writes ``args.gpu_check_json`` and
+    prints a README-ready table. ``--dry-run``: every section on the CPU at tiny sizes."""
+    from segvoc.data.synthetic import generate
+    from segvoc.reporting import gpu_check as gc
+
+    dry = args.dry_run
+    if not dry and not torch.cuda.is_available():
+        raise SystemExit("--gpu-check needs a CUDA device; on a machine without one, --gpu-check --dry-run runs every "
+                         "section on the CPU at tiny sizes")
+    args.device = "cpu" if dry else "cuda"
+    args.precision = "bf16-mixed"
+    args.batch_size = 2 if dry else 16
+    size, steps = (32, 2) if dry else (PROJECTION_SIZE, 20)
+    with tempfile.TemporaryDirectory(prefix="segvoc-gpu-check-") as scratch:
+        out = Path(scratch)
+        if dry:
+            root = out / "data" / "synthetic"
+            generate(root, num_train=12, num_val=2, height=40, width=48, seed=0)
+            data = ["data=synthetic", f"data.root={root}", "data.synthetic=null", f"data.image_size={size}",
+                    "data.num_workers=1"]
+        else:
+            data = ["data=synthetic_voc", "augment=report", f"paths.output_root={out / 'data'}"]
+
+        def make_cfg(model: str, run_out: Path, *extra: str) -> Any:
+            return model_config(model, args, run_out, *data, *extra)
+
+        models = args.models if dry and args.models != REPORT_MODELS + REFERENCE_MODELS else REPORT_MODELS
+        result = gc.run_check(make_cfg, out, torch.device(args.device), models, size,
+                              args.batch_size, steps, args.precision, "eager" if dry else "inductor",
+                              [1, 2] if dry else [1, 4, 8, 16], 2 if dry else 32, dry)
+    write_json(Path(args.gpu_check_json), result)
+    print(gc.table(result))
+    print(f"wrote {args.gpu_check_json} ({result['seconds']:.0f} s)")
+    return result
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     available = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
     p = argparse.ArgumentParser(prog="python -m segvoc.bench", description=__doc__.split("\n")[0])
@@ -213,6 +250,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--null-steps", type=int, default=20,
                    help="timed steps per fit in the null overhead section (4 rounds of floor and segvoc fits)")
     p.add_argument("--json", default="outputs/bench.json")
+    p.add_argument("--gpu-check", action="store_true",
+                   help="the one-shot GPU check (make gpu-check): report models at 320x320 bf16 batch 16, eager and "
+                        "compiled; fit data wait; host syncs; eval img/s; deterministic resume")
+    p.add_argument("--dry-run", action="store_true", help="with --gpu-check: every section on the CPU, tiny sizes "
+                                                          "(--models picks the models; default: the report's)")
+    p.add_argument("--gpu-check-json", default="outputs/gpu_check.json")
     args = p.parse_args(argv)
     gpu = args.device == "cuda"
     args.image_size = args.image_size or (512 if gpu else 128)
@@ -225,7 +268,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     quiet_library_noise()
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # "GPU available ..." per fit, in a table
-    return run(parse_args(argv))
+    args = parse_args(argv)
+    return gpu_check(args) if args.gpu_check else run(args)
 
 
 if __name__ == "__main__":

@@ -19,12 +19,17 @@ MODEL_KEYS = {"plain_train_img_s", "task_train_img_s", "ratio", "ratio_spread", 
 def test_bench_writes_every_key(tmp_path):
     out = tmp_path / "bench.json"
     main(["--models", "fcn_baseline", "resnet34_transfer", "--image-size", "32", "--batch-size", "2", "--steps", "3",
-          "--warmup", "1", "--loader-batches", "2", "--fit-models", "fcn_baseline", "--fit-steps", "2",
+          "--warmup", "1", "--null-steps", "2", "--loader-batches", "2", "--fit-models", "fcn_baseline",
+          "--fit-steps", "2",
           "--fit-batch-size", "2", "--eval-models", "fcn_baseline", "--eval-images", "2", "--eval-batch-sizes", "1",
           "2", "--json", str(out)])
     data = json.loads(out.read_text())
-    assert {"device", "torch", "threads", "models", "loader", "fit", "eval", "projection"} <= set(data)
+    assert {"device", "torch", "threads", "overhead", "models", "loader", "fit", "eval", "projection"} <= set(data)
     loader = data["loader"]
+    null = data["overhead"]["null"]
+    assert all(null[k] > 0 for k in ("plain_ms", "lightning_floor_ms", "segvoc_ms"))
+    assert null["lightning_floor_ms"] > null["plain_ms"]  # Lightning's loop costs more than none
+    assert null["steps"] == 4 * 2
     assert {"source_size", "img_s", "workers", "img_s_per_worker", "decode_share", "img_s_decode_cache",
             "decode_cache_speedup"} <= set(loader)
     assert loader["img_s"] > 0 and loader["img_s_per_worker"] > 0 and 0 <= loader["decode_share"] <= 1
@@ -81,3 +86,28 @@ def test_interleaved_probe_times_task_and_plain_steps_separately(tmp_path):
     finally:
         tp.PlainStep.__call__ = original
     assert slow["ratio"] > 2  # the task step is fast, the plain one slow
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_runs_every_section(tmp_path, capsys):
+    """``--gpu-check --dry-run``: every section of the GPU check on the CPU at tiny sizes, the JSON and the table."""
+    out = tmp_path / "gpu_check.json"
+    main(["--gpu-check", "--dry-run", "--models", "fcn_baseline", "--gpu-check-json", str(out)])
+    data = json.loads(out.read_text())
+    assert data["dry_run"] and data["card"].startswith("cpu")
+    row = data["models"]["fcn_baseline"]
+    assert row["eager_img_s"] > 0 and row["compiled_img_s"] > 0 and row["train_gflop_per_img"] > 0
+    assert 0 <= data["fit"]["without_device_augment"]["data_wait_fraction"] <= 1
+    assert data["syncs"]["per_step"] == 0, data["syncs"]
+    assert set(data["eval"]["fcn_baseline"]) == {"1", "2"}
+    assert data["resume"]["bit_identical"], data["resume"]
+    table = capsys.readouterr().out
+    assert "| fcn_baseline |" in table and "deterministic resume bit-identical | True" in table
+
+
+def test_bf16_peak_by_card_name():
+    from segvoc.reporting.gpu_check import bf16_peak_tflops
+
+    assert bf16_peak_tflops("NVIDIA H200") == bf16_peak_tflops("NVIDIA H100 80GB HBM3") == 989.4  # SXM
+    assert bf16_peak_tflops("NVIDIA H100 PCIe") == 756.0 and bf16_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert bf16_peak_tflops("Tesla V100-SXM2-16GB") is None and bf16_peak_tflops("cpu") is None

@@ -22,7 +22,7 @@ from segvoc.data.statistics import cached_class_statistics
 from segvoc.engine.checkpoint import AtomicCheckpointIO, checkpoint_config, load_state, read_checkpoint
 from segvoc.engine.feature_cache import FeatureCache
 from segvoc.engine.interrupts import PreemptionCheckpoint
-from segvoc.engine.perf import prepare_model
+from segvoc.engine.perf import CudnnBenchmark, prepare_model
 from segvoc.engine.progress import progress_bar
 from segvoc.engine.task import SegmentationTask
 from segvoc.evaluation.inference import InferenceConfig
@@ -171,7 +171,7 @@ def build_trainer(cfg: DictConfig, evaluation: bool = False, purge_step: int | N
     """
     kwargs = dict(cfg.trainer)
     if evaluation:
-        kwargs.update(enable_model_summary=False, enable_checkpointing=False)
+        kwargs.update(enable_model_summary=False, enable_checkpointing=False, benchmark=False)  # mixed sizes
         return pl.Trainer(callbacks=[], logger=False, **kwargs)
     out = Path(cfg.paths.output_dir)
     loggers = []
@@ -185,5 +185,6 @@ def build_trainer(cfg: DictConfig, evaluation: bool = False, purge_step: int | N
     callbacks.append(PreemptionCheckpoint(out / "checkpoints", out))
     if kwargs.get("enable_progress_bar", True):
         callbacks.append(progress_bar())
+    callbacks.append(CudnnBenchmark(bool((cfg.get("perf") or {}).get("cudnn_benchmark", False))))
     return pl.Trainer(callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
                       default_root_dir=str(out), **kwargs)
