@@ -18,13 +18,16 @@ class SignalAt(pl.Callback):
     point a test can name instead of guessing it with a sleep. Only in a run started afresh, and with ``job`` set,
     only in that job of a sweep. Under DDP: with ``rank`` set only that rank sends; ``group=true`` sends to the
     whole process group (every rank) instead of this process alone; ``stamp``: a file to write the sending time to;
-    ``batch``: only after that batch index of the epoch (with gradient accumulation several batches share a step)."""
+    ``batch``: only after that batch index of the epoch (with gradient accumulation several batches share a step);
+    ``hold`` seconds of sleep for rank ``hold_rank`` at the end of step ``step``, before it sends and before the stop
+    check (orders a DDP race deterministically)."""
 
     def __init__(self, step: int, sig: int = signal.SIGTERM, where: str = "train", job: int | None = None,
                  rank: int | None = None, group: bool = False, stamp: str | None = None,
-                 batch: int | None = None) -> None:
+                 batch: int | None = None, hold: float = 0.0, hold_rank: int | None = None) -> None:
         self.step, self.sig, self.where, self.job = step, int(sig), where, job
         self.rank, self.group, self.stamp, self.batch = rank, group, stamp, batch
+        self.hold, self.hold_rank = hold, hold_rank
         self.sent = False
 
     def _this_job(self) -> bool:
@@ -45,6 +48,8 @@ class SignalAt(pl.Callback):
                 os.kill(os.getpid(), self.sig)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.hold and trainer.global_step == self.step and trainer.global_rank == self.hold_rank:
+            time.sleep(self.hold)  # this rank reaches the stop check late: the others run ahead unless they wait
         if self.where == "train" and trainer.global_step == self.step and self.batch in (None, batch_idx):
             self._send(trainer)
 

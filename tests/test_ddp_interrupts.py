@@ -93,17 +93,26 @@ def test_two_uninterrupted_ddp_runs_are_identical(ddp_reference, tmp_path, synth
     _same_run(tmp_path / "run", ddp_reference)
 
 
-@pytest.mark.parametrize(("sig", "group"), [(signal.SIGTERM, False), (signal.SIGINT, True), (signal.SIGUSR2, True)],
+# Ctrl-C while the ranks are at different points: rank 1 is held 5 s after step 4, before its stop check, then sends
+# SIGINT to the group. With a flag per rank, rank 0 has passed its check of step 4 by then (it waits in Lightning's
+# next-batch broadcast) and would stop one batch after rank 1: a hang. With the agreed stop both stop after step 4.
+RACE = ["+callbacks.signal_at.rank=1", "+callbacks.signal_at.hold=5", "+callbacks.signal_at.hold_rank=1"]
+
+
+@pytest.mark.parametrize(("sig", "group", "extra", "stop"),
+                         [(signal.SIGTERM, False, ["+callbacks.signal_at.rank=0"], 4),
+                          (signal.SIGINT, True, RACE, 4),
+                          (signal.SIGUSR2, True, ["+callbacks.signal_at.rank=0"], 4)],
                          ids=["sigterm-rank0", "sigint-group", "sigusr2-group"])
 def test_ddp_interrupt_stops_all_ranks_together_then_resumes_exactly(ddp_reference, tmp_path, synthetic_root, sig,
-                                                                       group):
+                                                                       group, extra, stop):
     """SIGTERM to rank 0 only (the other rank learns it from the step's collective), Ctrl-C to the whole process
-    group (every rank gets it, not necessarily at the same batch), submitit's SIGUSR2 to the whole group (rank 0
+    group arriving while the ranks are at different points (``RACE``), submitit's SIGUSR2 to the whole group (rank 0
     alone requeues). Each: exit 2 within 60 s, a mid-epoch last.ckpt saved by both ranks together, and the resumed
     run equals the uninterrupted one."""
     run, stamp, record = tmp_path / "run", tmp_path / "sent", tmp_path / "requeued"
     extra = ["+callbacks.signal_at._target_=tests.helpers.SignalAt", "+callbacks.signal_at.step=4",
-             f"+callbacks.signal_at.sig={int(sig)}", "+callbacks.signal_at.rank=0",
+             f"+callbacks.signal_at.sig={int(sig)}", *extra,
              f"+callbacks.signal_at.group={str(group).lower()}", f"+callbacks.signal_at.stamp={stamp}"]
     if sig == signal.SIGUSR2:
         extra += ["+callbacks.requeue._target_=tests.helpers.SubmititRequeueStub",
@@ -115,9 +124,9 @@ def test_ddp_interrupt_stops_all_ranks_together_then_resumes_exactly(ddp_referen
     assert "error: " in err and "resume with: python -m segvoc.train resume=" in err, err[-3000:]
     assert gone - float(stamp.read_text()) < 60, "took more than 60 s to stop"
     assert "Traceback" not in err, err[-3000:]
-    assert "interrupted at step 4: saved" in err and "(batch 1 of epoch 1)" in err, err[-3000:]
+    assert f"interrupted at step {stop}: saved" in err and f"(batch {stop - 3} of epoch 1)" in err, err[-3000:]
     saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert saved["global_step"] == 4
+    assert saved["global_step"] == stop
     if sig == signal.SIGUSR2:
         assert record.read_text() == "rank 0\n"  # submitit's requeue ran once, on rank 0 only
     assert not (run / "metrics.json").exists()
