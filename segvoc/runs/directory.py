@@ -63,7 +63,7 @@ def _rebase(node: Any, old: str, new: str) -> Any:
 
 # what a training run writes into its directory (besides Hydra's .hydra*/ and <job>.log)
 RUN_OUTPUTS = ("checkpoints", "tb", "splits", "metrics.json", "confusion.json", "class_weights.json", "MODEL_CARD.md",
-               "export", "FAILED.json")
+               "export", "FAILED.json", "PRUNED.json", "tracker.json", "csv", "wandb")
 
 
 def _key(override: str) -> str:

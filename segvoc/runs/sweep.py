@@ -14,11 +14,17 @@ from segvoc.utils import write_json
 
 log = logging.getLogger("segvoc.runs.sweep")
 FAILED_MARKER = "FAILED.json"
+PRUNED_MARKER = "PRUNED.json"  # an Optuna trial its pruner stopped: not a failure
 
 
 def record_failure(run_dir: Path, exc: BaseException) -> None:
     """Mark a sweep job's directory as failed, with the one-line reason."""
     write_json(run_dir / FAILED_MARKER, {"error": f"{type(exc).__name__}: {exc}"})
+
+
+def record_pruned(run_dir: Path, exc: BaseException) -> None:
+    """Mark a sweep job's directory as pruned (an Optuna trial stopped early by the study's pruner)."""
+    write_json(run_dir / PRUNED_MARKER, {"pruned": str(exc)})
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -30,18 +36,20 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
 
 
 def summarize(sweep_dir: Path) -> dict[str, Any]:
-    """``{"ok": [...], "failed": {job: reason}}`` over the job folders of a sweep (also written to
+    """``{"ok": [...], "pruned": [...], "failed": {job: reason}}`` over the job folders of a sweep (also written to
     ``sweep_summary.json``)."""
-    ok, failed = [], {}
+    ok, pruned, failed = [], [], {}
     for job in job_dirs(sweep_dir):
         name = job.relative_to(sweep_dir).as_posix()
-        if (job / FAILED_MARKER).is_file():
+        if (job / PRUNED_MARKER).is_file():
+            pruned.append(name)
+        elif (job / FAILED_MARKER).is_file():
             failed[name] = json.loads((job / FAILED_MARKER).read_text())["error"]
         elif (job / "metrics.json").is_file():
             ok.append(name)
         else:
             failed[name] = "no metrics.json (killed or still running?)"
-    summary = {"ok": ok, "failed": failed}
+    summary = {"ok": ok, "pruned": pruned, "failed": failed}
     write_json(sweep_dir / "sweep_summary.json", summary)
     return summary
 
@@ -55,7 +63,8 @@ class SweepSummary(Callback):
         if not sweep_dir.is_dir():
             return
         s = summarize(sweep_dir)
-        lines = [f"sweep {sweep_dir}: {len(s['ok'])} finished, {len(s['failed'])} failed"]
+        lines = [f"sweep {sweep_dir}: {len(s['ok'])} finished, {len(s['failed'])} failed"
+                 + (f", {len(s['pruned'])} pruned" if s["pruned"] else "")]
         lines += [f"  FAILED {job}: {why}" for job, why in s["failed"].items()]
         print("\n".join(lines), flush=True)
         if s["failed"]:
