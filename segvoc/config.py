@@ -40,16 +40,25 @@ _LAUNCH_KEYS = ("hydra", "resume", "overwrite", "traceback", "hparams_search")
 
 def search_definition(task_overrides: Any, params: Any) -> dict[str, Any]:
     """What defines an Optuna search: the command-line overrides that are not search parameters (nor ``hydra.*``,
-    ``resume``, ``overwrite``), sorted, and the search space (``hydra.sweeper.params``) as text."""
+    ``resume``, ``overwrite``), in canonical form and sorted, and the search space (``hydra.sweeper.params`` plus
+    sweeps typed on the command line) as text. Equal in the sweeper and in its jobs (where the parameters have
+    values and Hydra has re-written the other overrides, e.g. ``false`` as ``False``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     space = {str(k): str(v) for k, v in (OmegaConf.to_container(params) if isinstance(params, DictConfig)
                                          else dict(params or {})).items()}
-    kept = []
-    for o in task_overrides or []:
-        key = str(o).lstrip("+~").split("=")[0].replace("/", ".")
+    parsed = OverridesParser.create().parse_overrides([str(o) for o in task_overrides or []])
+    for ov in parsed:
+        if ov.is_sweep_override():
+            space.setdefault(ov.get_key_element(), str(ov.input_line).split("=", 1)[1])
+    kept: dict[str, str] = {}  # by key: the last one counts, as in Hydra (a job sees only that one)
+    for ov in parsed:
+        key = ov.get_key_element().lstrip("+~").replace("/", ".")
         if key in space or key.split(".")[0] in _LAUNCH_KEYS:
             continue
-        kept.append(str(o))
-    return {"overrides": sorted(kept), "params": dict(sorted(space.items()))}
+        kept.pop(key, None)
+        kept[key] = f"{ov.get_key_element()}={ov.get_value_element_as_str()}"
+    return {"overrides": sorted(kept.values()), "params": dict(sorted(space.items()))}
 
 
 def search_key(definition: dict[str, Any]) -> str:

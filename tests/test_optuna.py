@@ -24,6 +24,11 @@ def test_study_definition_leaves_out_search_parameters_and_launch_keys():
     d_smoke, d_real = search_definition(smoke, PARAMS), search_definition(real, PARAMS)
     assert d_smoke["overrides"] == ["data=synthetic", "debug=smoke"]  # a trial's parameters do not name it
     assert d_real["overrides"] == []
+    # as a job sees them: the trial's values, Hydra's rewriting (False), one value per key (the last typed)
+    job = ["optimizer.lr=0.003", "loss=ce", "hparams_search=optuna", "debug=smoke", "data=synthetic"]
+    assert search_definition(job, PARAMS) == search_definition(
+        ["hparams_search=optuna", "debug=smoke", "data=synthetic"], PARAMS)
+    assert search_definition(["a=false", "b=1", "b=2"], {})["overrides"] == ["a=False", "b=2"]
     assert search_key(d_smoke) != search_key(d_real)  # a smoke search and a real one: two studies
     wider = {**PARAMS, "optimizer.lr": "tag(log, interval(1e-5, 1e-2))"}
     assert search_key(search_definition(real, wider)) != search_key(d_real)  # another search space
@@ -93,8 +98,8 @@ def test_continued_study_samples_new_points_and_studies_are_named_by_their_defin
 def test_pruned_trials_count_as_pruned_not_failed(tmp_path, synthetic_root):
     # ThresholdPruner(lower=1.1) prunes every trial at its first report (mIoU <= 1): the wiring, deterministically
     r = _cli(*_search(synthetic_root, tmp_path / "out", "hydra.sweeper.n_trials=2", "trainer.max_epochs=3",
-                      "hydra/sweeper/pruner=none",
-                      "hydra.sweeper.pruner={_target_:optuna.pruners.ThresholdPruner,lower:1.1}",
+                      "hydra/sweeper/pruner=none", "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner",
+                      "+hydra.sweeper.pruner.lower=1.1",
                       f"hydra.sweep.dir={tmp_path}/opt"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "0 finished, 0 failed, 2 pruned" in r.stdout
@@ -102,7 +107,10 @@ def test_pruned_trials_count_as_pruned_not_failed(tmp_path, synthetic_root):
 
     study = _study(f"sqlite:///{tmp_path}/opt/optuna.db")
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.PRUNED] * 2
-    assert all(t.intermediate_values == {0: pytest.approx(t.intermediate_values[0])} for t in study.trials)
+    jobs = sorted(p for p in (tmp_path / "opt").iterdir() if p.is_dir())
+    for trial, job in zip(study.trials, jobs, strict=True):  # pruned at its first report: epoch 0's val mIoU
+        assert list(trial.intermediate_values) == [0] and (job / "PRUNED.json").is_file()
+        assert not (job / "metrics.json").exists()
     summary = json.loads((tmp_path / "opt" / "sweep_summary.json").read_text())
     assert summary["failed"] == {} and len(summary["pruned"]) == 2
 

@@ -47,6 +47,33 @@ def test_unreachable_http_tracking_uri_and_bad_checkpoint_choice_are_refused():
     check_trackers(compose(["logger=mlflow", "logger.mlflow.tracking_uri=sqlite:////tmp/x.db"]))  # not checked
 
 
+def test_continued_mlflow_run_logs_no_step_twice_and_keeps_its_params(tmp_path):
+    """The counterpart of TensorBoard's purge_step: a launch continuing an MLflow run (run_id from tracker.json)
+    skips points at steps the run holds, and does not re-log parameters a resumed config states differently
+    (MLflow refuses to change a parameter)."""
+    from mlflow import MlflowClient
+
+    from segvoc.engine.trackers import ResumableMLFlowLogger
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    kw = {"tracking_uri": uri, "experiment_name": "e", "artifact_location": str(tmp_path / "art")}
+    first = ResumableMLFlowLogger(**kw)
+    first.log_hyperparams({"cfg": {"seed": 1, "ckpt_path": None}})
+    for step in (0, 1, 2, 3):  # the killed launch got to step 3; its last checkpoint was at step 1
+        first.log_metrics({"train/loss": 10.0 - step}, step=step)
+    again = ResumableMLFlowLogger(**kw, run_id=first.run_id)
+    again.log_hyperparams({"cfg": {"seed": 1, "ckpt_path": "last.ckpt"}, "extra": 5})
+    for step in (2, 3, 4):
+        again.log_metrics({"train/loss": 20.0 - step, "val/miou": 0.5}, step=step)
+    client = MlflowClient(uri)
+    history = [(m.step, m.value) for m in client.get_metric_history(first.run_id, "train/loss")]
+    assert sorted(history) == [(0, 10.0), (1, 9.0), (2, 8.0), (3, 7.0), (4, 16.0)]
+    assert [m.step for m in client.get_metric_history(first.run_id, "val/miou")] == [2, 3, 4]  # new key: all
+    params = client.get_run(first.run_id).data.params
+    assert params["cfg/ckpt_path"] == "None" and params["extra"] == "5"
+    assert len(client.search_runs([first.experiment_id])) == 1
+
+
 def test_csv_logger_columns(smoke_cfg, tmp_path):
     metrics = train(smoke_cfg("logger=csv", "trainer.max_epochs=2", "data.subset=5", "data.num_workers=1"))
     import csv

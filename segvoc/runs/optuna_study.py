@@ -181,7 +181,8 @@ class OptunaPruning(pl.Callback):
         trial_id = next(t._trial_id for t in study.get_trials(deepcopy=False) if t.number == int(number))
         self._trial = optuna.trial.Trial(study, trial_id)
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # (not on_validation_epoch_end: callbacks run it before the task logs this epoch's val/miou)
         if trainer.sanity_checking or os.environ.get(TRIAL_ENV) is None:
             return
         prune = False

@@ -63,8 +63,8 @@ def check_trackers(cfg: DictConfig) -> None:
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise TrackerError(f"logger.mlflow.tracking_uri={uri}: no MLflow server answers there ({reason}); start it "
-                           "(mlflow server --host HOST --port PORT), fix the URI, or log to a folder with "
-                           "logger.mlflow.tracking_uri=file:/some/dir") from None
+                           "(mlflow server --host HOST --port PORT), fix the URI, or log to a local database with "
+                           "logger.mlflow.tracking_uri=sqlite:///path/to/mlflow.db") from None
 
 
 def seed_group(run_dir: Path) -> str:
