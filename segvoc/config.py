@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -21,13 +24,46 @@ if not OmegaConf.has_resolver("config_subdir"):
     # saved its .hydra/ (resumed, requeued, or re-run sweep jobs), so the original config is never overwritten
     OmegaConf.register_new_resolver(
         "config_subdir", lambda out: ".hydra_resume" if (Path(out) / ".hydra" / "config.yaml").is_file() else ".hydra")
-if not OmegaConf.has_resolver("offset"):
-    # ${offset:${hydra.job.num},N}: a job number N higher (sweeps that continue an earlier one)
-    OmegaConf.register_new_resolver("offset", lambda num, n: int(num) + int(n))
 if not OmegaConf.has_resolver("run_id"):
     # a token for this launch, so two runs started in the same second never share a directory: SLURM's job (and
     # array task) id when there is one, else a random one; cached, so one process always sees the same value
     OmegaConf.register_new_resolver("run_id", lambda: _run_id(), use_cache=True)
+if not OmegaConf.has_resolver("optuna_study"):
+    # ${optuna_study:${name},${hydra:overrides.task},${hydra.sweeper.params}}: a study named by everything that
+    # defines the search (segvoc.config.search_definition), so a smoke search and a real one never share a study
+    OmegaConf.register_new_resolver(
+        "optuna_study", lambda name, task, params: f"{name}-{search_key(search_definition(task, params))}")
+
+# overrides that change how a launch runs, not what a search explores
+_LAUNCH_KEYS = ("hydra", "resume", "overwrite", "traceback", "hparams_search")
+
+
+def search_definition(task_overrides: Any, params: Any) -> dict[str, Any]:
+    """What defines an Optuna search: the command-line overrides that are not search parameters (nor ``hydra.*``,
+    ``resume``, ``overwrite``), in canonical form and sorted, and the search space (``hydra.sweeper.params`` plus
+    sweeps typed on the command line) as text. Equal in the sweeper and in its jobs (where the parameters have
+    values and Hydra has re-written the other overrides, e.g. ``false`` as ``False``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    space = {str(k): str(v) for k, v in (OmegaConf.to_container(params) if isinstance(params, DictConfig)
+                                         else dict(params or {})).items()}
+    parsed = OverridesParser.create().parse_overrides([str(o) for o in task_overrides or []])
+    for ov in parsed:
+        if ov.is_sweep_override():
+            space.setdefault(ov.get_key_element(), str(ov.input_line).split("=", 1)[1])
+    kept: dict[str, str] = {}  # by key: the last one counts, as in Hydra (a job sees only that one)
+    for ov in parsed:
+        key = ov.get_key_element().lstrip("+~").replace("/", ".")
+        if key in space or key.split(".")[0] in _LAUNCH_KEYS:
+            continue
+        kept.pop(key, None)
+        kept[key] = f"{ov.get_key_element()}={ov.get_value_element_as_str()}"
+    return {"overrides": sorted(kept.values()), "params": dict(sorted(space.items()))}
+
+
+def search_key(definition: dict[str, Any]) -> str:
+    """An 8-character digest of a search definition."""
+    return hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def _run_id() -> str:

@@ -29,3 +29,7 @@ class InterruptedRun(SegvocError):
 
 class ExportError(SegvocError):
     """A model could not be exported, or the exported file does not match PyTorch."""
+
+
+class TrackerError(SegvocError):
+    """An experiment tracker (MLflow, W&B) that cannot be reached or used as configured."""

@@ -1,7 +1,8 @@
 """``python -m segvoc.train [overrides]``: fit, then validate and test the best checkpoint.
 
 Writes into the Hydra run directory: ``.hydra/``, ``checkpoints/{best,last}.ckpt``, ``tb/`` (TensorBoard),
-``splits/`` (the ids used), ``metrics.json`` = ``{"val": {...}, "test": {...}}`` and ``MODEL_CARD.md``.
+``splits/`` (the ids used), ``metrics.json`` = ``{"val": {...}, "test": {...}}`` and ``MODEL_CARD.md``; with
+``logger=mlflow|wandb`` also ``tracker.json`` (the tracker runs, continued on resume; ``segvoc.runs.trackers``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ from segvoc.runs.directory import (
     write_scores,
 )
 from segvoc.runs.model_card import FitSummary, device_name, write_model_card
-from segvoc.runs.sweep import clear_failure, record_failure
+from segvoc.runs.optuna_study import PrunedRun
+from segvoc.runs.sweep import clear_failure, record_failure, record_pruned
+from segvoc.runs.trackers import check_trackers, finish_trackers, logger_kwargs, record_trackers, tracker_lines
 from segvoc.utils import write_json
 
 log = logging.getLogger("segvoc.train")
@@ -75,6 +78,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                               "continue from it; use that run's checkpoints/last.ckpt")
     ensure_writable(out)
     clear_failure(out)  # this job runs again: a FAILED.json of an earlier attempt no longer describes it
+    check_trackers(cfg)
     pl.seed_everything(int(cfg.seed), workers=True)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
     dm = build_datamodule(cfg, split_dir=out / "splits")
@@ -89,7 +93,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         load_state(task, ckpt["state_dict"], ckpt_path, checkpoint_config(ckpt), check_only=True)
         check_resume_position(cfg, ckpt, ckpt_path)
         purge_step = int(ckpt.get("global_step", 0)) or None
-    trainer = build_trainer(cfg, purge_step=purge_step)
+    trainer = build_trainer(cfg, purge_step=purge_step, logger_kwargs=logger_kwargs(cfg, out))
+    if trainer.is_global_zero:
+        record_trackers(out, trainer.loggers)  # tracker.json: the tracker runs a resumed launch continues
     started = time.perf_counter()
     try:
         trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
@@ -124,11 +130,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics[split] = split_scores(task, split, epoch, cfg.get("stats"))
     if trainer.is_global_zero:
         write_scores(out, task, metrics)
-        write_model_card(out, cfg, task.model, fit, device_name(task.device))
-        final = {"hp/val_miou": metrics["val"]["miou"], "hp/test_miou": metrics["test"]["miou"]}
-        for lg in trainer.loggers:
-            lg.log_hyperparams(task.hparams.get("cfg", {}), final)  # TensorBoard's HPARAMS tab: config + result
-            lg.finalize("success")
+        write_model_card(out, cfg, task.model, fit, device_name(task.device), tracking=tracker_lines(out))
+        finish_trackers(trainer.loggers, out, cfg, metrics, task.hparams.get("cfg", {}), task.class_names,
+                        trainer.global_step, confusion=task.scores["test"]["confusion"])
         log.info("val mIoU %.4f pixel acc %.4f | test mIoU %.4f pixel acc %.4f | %s",
                  metrics["val"]["miou"], metrics["val"]["pixel_acc"], metrics["test"]["miou"],
                  metrics["test"]["pixel_acc"], out)
@@ -155,6 +159,10 @@ def main(cfg: DictConfig) -> float | None:
         except InterruptedRun as exc:
             print(f"error: {exc}; sweep stopped", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
+        except PrunedRun as exc:  # an Optuna trial its pruner stopped: the sweeper tells the study PRUNED
+            log.info("trial pruned: %s", exc)
+            record_pruned(Path(HydraConfig.get().runtime.output_dir), exc)
+            return float("nan")
         except Exception as exc:
             log.error("job failed: %s: %s", type(exc).__name__, exc)
             record_failure(Path(HydraConfig.get().runtime.output_dir), exc)

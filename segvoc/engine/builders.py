@@ -162,12 +162,22 @@ def load_task(path: str | Path, inference: InferenceConfig | None = None) -> tup
     return task, cfg
 
 
-def build_trainer(cfg: DictConfig, evaluation: bool = False, purge_step: int | None = None) -> pl.Trainer:
+def logger_nodes(cfg: DictConfig) -> dict[str, DictConfig]:
+    """The configured loggers, by key (``tensorboard``, ``csv``, ``mlflow``, ``wandb``): the ``logger`` node's
+    entries that have a ``_target_`` (its other keys, such as ``log_checkpoints``, are settings)."""
+    node = cfg.get("logger") or {}
+    return {k: v for k, v in node.items() if isinstance(v, DictConfig) and v.get("_target_")}
+
+
+def build_trainer(cfg: DictConfig, evaluation: bool = False, purge_step: int | None = None,
+                  logger_kwargs: dict[str, dict] | None = None) -> pl.Trainer:
     """``pl.Trainer`` from ``cfg.trainer`` with the configured callbacks and loggers, atomic checkpoint writes and
     exact-resume handling of SIGTERM/Ctrl-C.
 
     ``evaluation=True``: no callbacks and no loggers (final scoring must not add points to the training curves).
     ``purge_step``: TensorBoard drops events at or after this step (a resumed run re-logs them).
+    ``logger_kwargs``: per logger key, arguments added to its config (``segvoc.runs.trackers.logger_kwargs``: the
+    tracker run to continue, tags, names).
     """
     kwargs = dict(cfg.trainer)
     if evaluation:
@@ -175,10 +185,12 @@ def build_trainer(cfg: DictConfig, evaluation: bool = False, purge_step: int | N
         return pl.Trainer(callbacks=[], logger=False, **kwargs)
     out = Path(cfg.paths.output_dir)
     loggers = []
-    for lg in (cfg.get("logger") or {}).values():
-        if lg:
-            extra = {"purge_step": purge_step} if purge_step and "TensorBoard" in lg.get("_target_", "") else {}
-            loggers.append(instantiate(lg, **extra))
+    for key, lg in logger_nodes(cfg).items():
+        node = OmegaConf.to_container(lg, resolve=True)
+        node |= (logger_kwargs or {}).get(key) or {}  # (W&B takes a `config` argument: not instantiate's kwargs)
+        if purge_step and "TensorBoard" in node["_target_"]:
+            node["purge_step"] = purge_step
+        loggers.append(instantiate(node, _convert_="all"))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     if not loggers:  # logger=none: a learning-rate monitor has nowhere to write (Lightning refuses to start)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]

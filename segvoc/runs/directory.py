@@ -91,7 +91,7 @@ def _rebase(node: Any, old: str, new: str) -> Any:
 # what a training run writes into its directory (besides Hydra's .hydra*/ and <job>.log)
 RUN_OUTPUTS = ("checkpoints", "tb", "splits", "metrics.json", "confusion.json", "per_image_val.npz",
                "per_image_val.csv", "per_image_test.npz", "per_image_test.csv", "class_weights.json", "MODEL_CARD.md",
-               "export", "FAILED.json")
+               "export", "FAILED.json", "PRUNED.json", "tracker.json", "csv", "wandb")
 
 
 def _key(override: str) -> str:

@@ -111,8 +111,10 @@ def _split_rows(run_dir: Path) -> list[tuple[str, int, str]]:
     return rows
 
 
-def model_card(run_dir: Path, cfg: DictConfig, model: nn.Module, fit: FitSummary | None, device: str) -> str:
-    """The markdown text of the run's model card (see the module docstring for its sources)."""
+def model_card(run_dir: Path, cfg: DictConfig, model: nn.Module, fit: FitSummary | None, device: str,
+               tracking: list[str] | None = None) -> str:
+    """The markdown text of the run's model card (see the module docstring for its sources); ``tracking``: lines
+    naming the run's tracker runs (``segvoc.runs.trackers.tracker_lines``)."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
     weights_path = run_dir / "class_weights.json"
     weights = json.loads(weights_path.read_text()) if weights_path.is_file() else None
@@ -174,6 +176,8 @@ def model_card(run_dir: Path, cfg: DictConfig, model: nn.Module, fit: FitSummary
         lines += ["## Training", "", markdown_table(("key", "value"), [
             ("fit wall time", f"{fit.seconds:.1f} s" + (" (since resuming)" if fit.resumed else "")),
             ("epochs", fit.epochs), ("steps", fit.steps), ("best epoch (scored)", fit.best_epoch)])]
+    if tracking:
+        lines += ["## Tracking", "", *tracking, ""]
     lines += ["## Hardware and versions", "",
               markdown_table(("key", "value"), list(versions(device).items())),
               "## Command", ""]
@@ -189,9 +193,9 @@ def model_card(run_dir: Path, cfg: DictConfig, model: nn.Module, fit: FitSummary
 
 
 def write_model_card(run_dir: Path, cfg: DictConfig, model: nn.Module, fit: FitSummary | None,
-                     device: str) -> Path:
+                     device: str, tracking: list[str] | None = None) -> Path:
     """Write ``MODEL_CARD.md`` into ``run_dir`` (atomically); returns its path."""
     path = run_dir / CARD_NAME
-    atomic_write_text(path, model_card(run_dir, cfg, model, fit, device))
+    atomic_write_text(path, model_card(run_dir, cfg, model, fit, device, tracking))
     return path
 

@@ -48,7 +48,9 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def _config_without_seed(run: Path) -> str:
+def config_without_seed(run: Path) -> str:
+    """The saved config of ``run`` (``.hydra/config.yaml``) without ``seed``, as a canonical JSON string: equal for
+    the runs of one seed group."""
     cfg_file = run / ".hydra" / "config.yaml"
     cfg = OmegaConf.to_container(OmegaConf.load(cfg_file), resolve=False) if cfg_file.is_file() else {"run": str(run)}
     cfg.pop("seed", None)
@@ -64,7 +66,7 @@ def group_by_seed(runs: Sequence[Path], metrics: Sequence[dict[str, Any]]) -> li
     everywhere = set.intersection(*(set(o) for o in overrides.values())) if runs else set()
     groups: dict[str, SeedGroup] = {}
     for run, m in zip(runs, metrics, strict=True):
-        key = _config_without_seed(run)
+        key = config_without_seed(run)
         if key not in groups:
             own = [o for o in overrides[run] if o not in everywhere]
             groups[key] = SeedGroup(" ".join(own) or (run.name if len(runs) > 1 else "all runs"))

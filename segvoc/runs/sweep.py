@@ -20,6 +20,7 @@ from segvoc.utils import write_json
 
 log = logging.getLogger("segvoc.runs.sweep")
 FAILED_MARKER = "FAILED.json"
+PRUNED_MARKER = "PRUNED.json"  # an Optuna trial its pruner stopped: not a failure
 
 
 def record_failure(run_dir: Path, exc: BaseException) -> None:
@@ -32,6 +33,11 @@ def clear_failure(run_dir: Path) -> None:
     (run_dir / FAILED_MARKER).unlink(missing_ok=True)
 
 
+def record_pruned(run_dir: Path, exc: BaseException) -> None:
+    """Mark a sweep job's directory as pruned (an Optuna trial stopped early by the study's pruner)."""
+    write_json(run_dir / PRUNED_MARKER, {"pruned": str(exc)})
+
+
 def job_dirs(sweep_dir: Path) -> list[Path]:
     """The job directories of a sweep, old and new: every folder holding a ``.hydra/`` (also in per-launch
     subfolders, as Optuna studies use), outside hidden folders such as ``.submitit/``."""
@@ -40,19 +46,46 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
                   and not any(part.startswith(".") for part in d.relative_to(sweep_dir).parts))
 
 
+def _running_elsewhere(job: Path) -> bool:
+    """Whether ``job`` is an Optuna trial that another live sweeper process is running (several processes sharing
+    one study, e.g. a journal file): not a failure of this sweep."""
+    hydra_file = job / ".hydra" / "hydra.yaml"
+    if not hydra_file.is_file():
+        return False
+    env = OmegaConf.load(hydra_file).hydra.job.get("env_set") or {}
+    if "SEGVOC_OPTUNA_TRIAL" not in env:
+        return False
+    import optuna
+
+    from segvoc.runs.optuna_study import is_stale, open_storage
+
+    try:
+        study = optuna.load_study(study_name=str(env["SEGVOC_OPTUNA_STUDY"]),
+                                  storage=open_storage(str(env["SEGVOC_OPTUNA_STORAGE"])))
+    except (KeyError, ValueError):
+        return False
+    number = int(env["SEGVOC_OPTUNA_TRIAL"])
+    trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+    return trial is not None and trial.state == optuna.trial.TrialState.RUNNING and not is_stale(trial)
+
+
 def summarize(sweep_dir: Path) -> dict[str, Any]:
-    """``{"ok": [...], "failed": {job: reason}}`` over the job folders of a sweep (also written to
-    ``sweep_summary.json``)."""
-    ok, failed = [], {}
+    """``{"ok": [...], "pruned": [...], "running": [...], "failed": {job: reason}}`` over the job folders of a
+    sweep (also written to ``sweep_summary.json``)."""
+    ok, pruned, running, failed = [], [], [], {}
     for job in job_dirs(sweep_dir):
         name = job.relative_to(sweep_dir).as_posix()
-        if (job / FAILED_MARKER).is_file():
+        if (job / PRUNED_MARKER).is_file():
+            pruned.append(name)
+        elif (job / FAILED_MARKER).is_file():
             failed[name] = json.loads((job / FAILED_MARKER).read_text())["error"]
         elif (job / "metrics.json").is_file():
             ok.append(name)
+        elif _running_elsewhere(job):
+            running.append(name)
         else:
             failed[name] = "no metrics.json (killed or still running?)"
-    summary = {"ok": ok, "failed": failed}
+    summary = {"ok": ok, "pruned": pruned, "running": running, "failed": failed}
     write_json(sweep_dir / "sweep_summary.json", summary)
     return summary
 
@@ -104,7 +137,9 @@ class SweepSummary(Callback):
         if not sweep_dir.is_dir():
             return
         s = summarize(sweep_dir)
-        lines = [f"sweep {sweep_dir}: {len(s['ok'])} finished, {len(s['failed'])} failed"]
+        lines = [f"sweep {sweep_dir}: {len(s['ok'])} finished, {len(s['failed'])} failed"
+                 + (f", {len(s['pruned'])} pruned" if s["pruned"] else "")
+                 + (f", {len(s['running'])} running in another process" if s["running"] else "")]
         lines += [f"  FAILED {job}: {why}" for job, why in s["failed"].items()]
         print("\n".join(lines), flush=True)
         if s["failed"]:

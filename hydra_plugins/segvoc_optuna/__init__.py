@@ -1,0 +1,1 @@
+"""segvoc's Hydra sweeper on Optuna 4 (``hydra/sweeper=segvoc_optuna``)."""

@@ -1,0 +1,64 @@
+"""Lightning's MLflow logger, made to continue a run: a resumed training run logs into the MLflow run it started,
+without logging a step twice and without re-logging parameters that a resumed config states differently."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from pytorch_lightning.loggers import MLFlowLogger
+from pytorch_lightning.utilities import rank_zero_only
+
+log = logging.getLogger("segvoc")
+
+
+class ResumableMLFlowLogger(MLFlowLogger):
+    """``MLFlowLogger`` that, given the ``run_id`` of an earlier launch, continues that run.
+
+    - Metrics: a point at a step the run already holds for that key (logged by the earlier launch after its last
+      checkpoint) is not logged again: the counterpart of TensorBoard's ``purge_step``, keeping the first point
+      (MLflow cannot delete points). Each key's history therefore has one point per step.
+    - Parameters: MLflow refuses to change a logged parameter; the resumed launch's config differs in where and how
+      it runs (``ckpt_path``, ``trainer.*``), so only parameters the run does not hold yet are logged.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._continued = kwargs.get("run_id") is not None
+        self._last_steps: dict[str, int] | None = None  # per metric key, the last step the run holds
+
+    @property
+    def continued(self) -> bool:
+        """Whether this logger continues an MLflow run started by an earlier launch."""
+        return self._continued
+
+    def _held_steps(self) -> dict[str, int]:
+        if self._last_steps is None:
+            client = self.experiment
+            keys = client.get_run(self.run_id).data.metrics
+            self._last_steps = {k: max((m.step for m in client.get_metric_history(self.run_id, k)), default=-1)
+                                for k in keys}
+            client.update_run(self.run_id, status="RUNNING")
+        return self._last_steps
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if self._continued:
+            held = self._held_steps()
+            step_ = step or 0
+            metrics = {k: v for k, v in metrics.items() if step_ > held.get(k, -1)}
+            if not metrics:
+                return
+        super().log_metrics(metrics, step)
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any) -> None:
+        if self._continued:
+            from lightning_fabric.utilities.logger import _convert_params, _flatten_dict
+
+            held = self.experiment.get_run(self.run_id).data.params
+            params = {k: v for k, v in _flatten_dict(_convert_params(params)).items() if k not in held}
+            if not params:
+                return
+        super().log_hyperparams(params)
