@@ -33,6 +33,9 @@ def test_bench_writes_every_key(tmp_path):
             "decode_cache_speedup"} <= set(data["loader"])
     assert 0 <= data["fit"]["fcn_baseline"]["data_wait_fraction"] <= 1
     assert set(data["eval"]["fcn_baseline"]) == {"1", "2"}
+    assert set(data["scores"]) == {"confusion_s_per_epoch", "per_image_confusion_s_per_epoch",
+                                   "boundary_iou_s_per_epoch", "ece_s_per_epoch", "bootstrap_s"}
+    assert all(v > 0 for v in data["scores"].values())
 
 
 def test_flop_count_of_a_frozen_encoder_step_leaves_out_its_backward():
