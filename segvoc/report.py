@@ -188,11 +188,39 @@ def predictions_png(run: Run, num_images: int, path: Path, device: str = "cpu") 
     return True
 
 
+def run_caveats(runs: Sequence[Run]) -> list[str]:
+    """The model card's caveats (``segvoc.runs.model_card.caveats``) of the runs, and ``debug=`` presets, each
+    once with the number of runs it concerns."""
+    from segvoc.runs.model_card import caveats
+
+    counts: dict[str, int] = {}
+    for r in runs:
+        cfg_file = r.path / ".hydra" / "config.yaml"
+        notes = []
+        if cfg_file.is_file():
+            cfg = OmegaConf.load(cfg_file)
+            if "data" in cfg and "trainer" in cfg and "model" in cfg:
+                notes += caveats(cfg)
+        debug = OmegaConf.select(OmegaConf.load(h), "hydra.runtime.choices.debug") if (
+            h := r.path / ".hydra" / "hydra.yaml").is_file() else None
+        if debug:
+            notes.append(f"debug={debug}: a debug preset (tiny data, few epochs); the scores only show the "
+                         "pipeline runs.")
+        for n in notes:
+            counts[n] = counts.get(n, 0) + 1
+    return [f"{n} ({k} of {len(runs)} runs)" for n, k in counts.items()]
+
+
 def results_markdown(runs: Sequence[Run], published: dict[str, Any]) -> str:
-    """The report-style results table with published figures beside, then per-class IoU."""
+    """The report-style results table with published figures beside, then per-class IoU; the runs' caveats
+    first."""
     rows = [r.row() for r in runs]
     out = io.StringIO()
-    out.write("# segvoc results\n\n## Runs (best checkpoint)\n\n")
+    out.write("# segvoc results\n\n")
+    notes = run_caveats(runs)
+    if notes:
+        out.write("**Read with care:**\n\n" + "".join(f"- {n}\n" for n in notes) + "\n")
+    out.write("## Runs (best checkpoint)\n\n")
     out.write(markdown_table(RESULT_COLUMNS, [[row[c] for c in RESULT_COLUMNS] for row in rows]))
     out.write("\n## Beside the report's published figures\n\n")
     cmp_rows = []

@@ -169,3 +169,22 @@ def test_per_class_figure_shows_every_class_in_the_truth_and_marks_total_failure
     assert [t.get_text() for t in ax.get_xticklabels()] == ["background", "cat", "dog"]
     assert [t.get_text() for t in ax.texts] == ["0"] and ax.texts[0].get_position()[0] == 2  # dog: total failure
     assert "absent from the test truth: aeroplane" in ax.get_title() and "person" in ax.get_title()
+
+
+def test_results_carry_the_runs_caveats_to_the_top(tmp_path):
+    import json
+
+    for k, (subset, debug) in enumerate([(8, "smoke"), (None, None)]):
+        run = tmp_path / "sweep" / f"r{k}"
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "config.yaml").write_text(
+            f"seed: {k}\nmodel:\n  name: m\ntrainer:\n  max_steps: -1\n"
+            f"data:\n  synthetic:\n    num_train: 4\n  subset: {subset if subset else 'null'}\n")
+        (run / ".hydra" / "hydra.yaml").write_text(
+            f"hydra:\n  runtime:\n    choices:\n      debug: {debug or 'null'}\n")
+        (run / "metrics.json").write_text(json.dumps({"test": {"miou": 0.5}}))
+    build_report(str(tmp_path / "sweep"), tmp_path / "out", published={}, num_images=0, stats=STATS)
+    md = (tmp_path / "out" / "results.md").read_text()
+    top = md[: md.index("## Runs")]
+    assert "synthetic images" in top and "(2 of 2 runs)" in top
+    assert "data.subset=8" in top and "debug=smoke" in top and "(1 of 2 runs)" in top
