@@ -188,11 +188,39 @@ def predictions_png(run: Run, num_images: int, path: Path, device: str = "cpu") 
     return True
 
 
+def run_caveats(runs: Sequence[Run]) -> list[str]:
+    """The model card's caveats (``segvoc.runs.model_card.caveats``) of the runs, and ``debug=`` presets, each
+    once with the number of runs it concerns."""
+    from segvoc.runs.model_card import caveats
+
+    counts: dict[str, int] = {}
+    for r in runs:
+        cfg_file = r.path / ".hydra" / "config.yaml"
+        notes = []
+        if cfg_file.is_file():
+            cfg = OmegaConf.load(cfg_file)
+            if "data" in cfg and "trainer" in cfg and "model" in cfg:
+                notes += caveats(cfg)
+        debug = OmegaConf.select(OmegaConf.load(h), "hydra.runtime.choices.debug") if (
+            h := r.path / ".hydra" / "hydra.yaml").is_file() else None
+        if debug:
+            notes.append(f"debug={debug}: a debug preset (tiny data, few epochs); the scores only show the "
+                         "pipeline runs.")
+        for n in notes:
+            counts[n] = counts.get(n, 0) + 1
+    return [f"{n} ({k} of {len(runs)} runs)" for n, k in counts.items()]
+
+
 def results_markdown(runs: Sequence[Run], published: dict[str, Any]) -> str:
-    """The report-style results table with published figures beside, then per-class IoU."""
+    """The report-style results table with published figures beside, then per-class IoU; the runs' caveats
+    first."""
     rows = [r.row() for r in runs]
     out = io.StringIO()
-    out.write("# segvoc results\n\n## Runs (best checkpoint)\n\n")
+    out.write("# segvoc results\n\n")
+    notes = run_caveats(runs)
+    if notes:
+        out.write("**Read with care:**\n\n" + "".join(f"- {n}\n" for n in notes) + "\n")
+    out.write("## Runs (best checkpoint)\n\n")
     out.write(markdown_table(RESULT_COLUMNS, [[row[c] for c in RESULT_COLUMNS] for row in rows]))
     out.write("\n## Beside the report's published figures\n\n")
     cmp_rows = []
@@ -243,13 +271,30 @@ def summary_csv(groups: Sequence[SeedGroup]) -> str:
     return buf.getvalue()
 
 
+def truth_classes(runs: Sequence[Path], split: str = "test") -> list[int] | None:
+    """Classes with ground-truth pixels in ``split`` of any of the runs (``confusion.json`` rows); None when no run
+    has the file."""
+    present: set[int] = set()
+    found = False
+    for run in runs:
+        f = run / "confusion.json"
+        if f.is_file() and split in (mats := json.loads(f.read_text())):
+            found = True
+            present |= {c for c, row in enumerate(mats[split]) if sum(row) > 0}
+    return sorted(present) if found else None
+
+
 def per_class_by_group_png(groups: Sequence[SeedGroup], path: Path) -> bool:
-    """Per-class test IoU by group: bars at the mean, whiskers of one std (what weighting buys and costs)."""
+    """Per-class test IoU by group: bars at the mean, whiskers of one std (what weighting buys and costs). Every
+    class present in the test truth is shown, a total failure (IoU 0 in every group) marked with a red ``0``; the
+    classes absent from the truth are named below the axis."""
     from matplotlib.figure import Figure
 
     per_class = [g.per_class("test") for g in groups]
-    # classes some group segments at all (a class only ever predicted where it is absent scores 0 everywhere)
-    classes = [c for c in range(len(VOC_CLASSES)) if any(c < len(pc) and pc[c] and max(pc[c]) > 0 for pc in per_class)]
+    present = truth_classes([r for g in groups for r in g.runs])
+    if present is None:  # runs without confusion.json: the classes some group scored
+        present = [c for c in range(len(VOC_CLASSES)) if any(c < len(pc) and pc[c] for pc in per_class)]
+    classes = present
     if not classes:
         return False
     fig = Figure(figsize=(min(16.0, max(6.0, 0.4 * len(classes) * len(groups) ** 0.5 + 2)), 4.5))
@@ -261,10 +306,15 @@ def per_class_by_group_png(groups: Sequence[SeedGroup], path: Path) -> bool:
         errs = [s if s is not None else 0.0 for _, s in stats]
         xs = [i + (k - (len(groups) - 1) / 2) * width for i in range(len(classes))]
         ax.bar(xs, means, width, yerr=errs, capsize=2, label=f"{g.label} (n={g.n})")
+    failed = [i for i, c in enumerate(classes) if all(max(pc[c], default=0) == 0 for pc in per_class if c < len(pc))]
+    for i in failed:
+        ax.text(i, 0.01, "0", color="red", ha="center", va="bottom", fontweight="bold")
     ax.set_xticks(range(len(classes)), [VOC_CLASSES[c] for c in classes], rotation=45, ha="right")
     ax.set_ylabel("test IoU (mean ± std over seeds)")
     ax.set_ylim(0, 1)
-    ax.set_title("Per-class test IoU by group")
+    absent = [VOC_CLASSES[c] for c in range(len(VOC_CLASSES)) if c not in classes]
+    ax.set_title("Per-class test IoU by group (red 0: IoU 0 in every group)"
+                 + (f"\nabsent from the test truth: {', '.join(absent)}" if absent else ""), fontsize=9)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)  # below the axes
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

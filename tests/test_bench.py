@@ -48,6 +48,9 @@ def test_bench_writes_every_key(tmp_path):
         assert proj["workers_for_gpu"] == math.ceil(proj["gpu_img_s_at_25pct_peak"] / loader["img_s_per_worker"])
     assert 0 <= data["fit"]["fcn_baseline"]["data_wait_fraction"] <= 1
     assert set(data["eval"]["fcn_baseline"]) == {"1", "2"}
+    assert set(data["scores"]) == {"confusion_s_per_epoch", "per_image_confusion_s_per_epoch",
+                                   "boundary_iou_s_per_epoch", "ece_s_per_epoch", "bootstrap_s"}
+    assert all(v > 0 for v in data["scores"].values())
 
 
 def test_flop_count_of_a_frozen_encoder_step_leaves_out_its_backward():

@@ -139,3 +139,52 @@ def test_paired_bootstrap_on_real_runs(trained_sweep, tmp_path):
     for metric in ("miou", "pixel_acc", "boundary_miou", "ece"):
         same = rows[("1_log_images", metric)]
         assert same["verdict"] == "not distinguishable" and same["delta"] == 0, same
+
+
+def test_per_class_figure_shows_every_class_in_the_truth_and_marks_total_failures(tmp_path, monkeypatch):
+    import json
+
+    from matplotlib.figure import Figure
+
+    from segvoc.report import per_class_by_group_png
+
+    runs = []
+    for seed in range(2):
+        run = tmp_path / f"r{seed}"
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "config.yaml").write_text(f"seed: {seed}\n")
+        confusion = np.zeros((21, 21), dtype=int)
+        confusion[0, 0], confusion[8, 8], confusion[12, 0] = 50, 5, 7  # dog (12) in the truth, never found
+        confusion[0, 15] = 3  # person (15) predicted, absent from the truth: IoU 0 but no class of this split
+        (run / "confusion.json").write_text(json.dumps({"test": confusion.tolist()}))
+        per_class = [None] * 21
+        per_class[0], per_class[8], per_class[12], per_class[15] = 0.9, 0.5, 0.0, 0.0
+        (run / "metrics.json").write_text(json.dumps({"test": {"per_class_iou": per_class}}))
+        runs.append(run)
+    groups = group_by_seed(runs, [json.loads((r / "metrics.json").read_text()) for r in runs])
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: drawn.append(fig))
+    assert per_class_by_group_png(groups, tmp_path / "pc.png")
+    ax = drawn[0].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["background", "cat", "dog"]
+    assert [t.get_text() for t in ax.texts] == ["0"] and ax.texts[0].get_position()[0] == 2  # dog: total failure
+    assert "absent from the test truth: aeroplane" in ax.get_title() and "person" in ax.get_title()
+
+
+def test_results_carry_the_runs_caveats_to_the_top(tmp_path):
+    import json
+
+    for k, (subset, debug) in enumerate([(8, "smoke"), (None, None)]):
+        run = tmp_path / "sweep" / f"r{k}"
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "config.yaml").write_text(
+            f"seed: {k}\nmodel:\n  name: m\ntrainer:\n  max_steps: -1\n"
+            f"data:\n  synthetic:\n    num_train: 4\n  subset: {subset if subset else 'null'}\n")
+        (run / ".hydra" / "hydra.yaml").write_text(
+            f"hydra:\n  runtime:\n    choices:\n      debug: {debug or 'null'}\n")
+        (run / "metrics.json").write_text(json.dumps({"test": {"miou": 0.5}}))
+    build_report(str(tmp_path / "sweep"), tmp_path / "out", published={}, num_images=0, stats=STATS)
+    md = (tmp_path / "out" / "results.md").read_text()
+    top = md[: md.index("## Runs")]
+    assert "synthetic images" in top and "(2 of 2 runs)" in top
+    assert "data.subset=8" in top and "debug=smoke" in top and "(1 of 2 runs)" in top
