@@ -1,3 +1,3 @@
 """segvoc: Hydra + PyTorch Lightning experiments for semantic segmentation on PASCAL VOC 2012."""
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
