@@ -29,7 +29,7 @@ test-fast: install  ## the inner loop: everything but the end-to-end subprocess 
 	$(PY) -m pytest -q -m "not slow"
 
 lint: install
-	$(VENV)/bin/ruff check segvoc tests
+	$(VENV)/bin/ruff check segvoc tests hydra_plugins
 
 REPORT_PRESETS := 4a_baseline,4b_improved,4c_weighted,5a_dilated,5b_transfer,5c_unet
 report: install  ## smoke sweep of the six report presets on synthetic data, then the report (offline)
