@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from segvoc.errors import ConfigError
-from segvoc.report import build_report
 from segvoc.reporting.comparison import compare
+from segvoc.reporting.study import build_report
 from segvoc.runs.directory import write_per_image
 from segvoc.runs.seed_groups import group_by_seed
 
@@ -146,7 +146,7 @@ def test_per_class_figure_shows_every_class_in_the_truth_and_marks_total_failure
 
     from matplotlib.figure import Figure
 
-    from segvoc.report import per_class_by_group_png
+    from segvoc.reporting.study import per_class_by_group_png
 
     runs = []
     for seed in range(2):

@@ -15,7 +15,7 @@ from segvoc.data.palette import palette_bytes
 from segvoc.evaluate import evaluate
 from segvoc.evaluation.inference import InferenceConfig, infer
 from segvoc.predict import predict
-from segvoc.report import build_report
+from segvoc.reporting.study import build_report
 from segvoc.train import train
 
 
@@ -423,7 +423,7 @@ def test_loss_curves_are_titled_by_group_and_seed_with_integer_epochs_and_val_mi
                                                                                   monkeypatch):
     from matplotlib.figure import Figure
 
-    from segvoc.report import Run, loss_curve_png
+    from segvoc.reporting.study import Run, loss_curve_png
 
     drawn = []
     monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: drawn.append(fig))
@@ -434,7 +434,7 @@ def test_loss_curves_are_titled_by_group_and_seed_with_integer_epochs_and_val_mi
     assert all(float(t).is_integer() for t in ax.get_xticks())
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train loss", "val loss", "val mIoU"]
     assert right.get_ylabel() == "val mIoU" and len(right.lines[0].get_ydata()) == 2  # one per epoch
-    from segvoc.report import read_scalars
+    from segvoc.reporting.study import read_scalars
 
     logged = read_scalars(trained_run, ("val/boundary_miou", "val/ece"))  # TensorBoard, each validation epoch
     assert len(logged["val/boundary_miou"]) == 2 and len(logged["val/ece"]) == 2

@@ -85,7 +85,7 @@ def test_sigkill_mid_run_then_resume_is_exact(tmp_path, synthetic_root, referenc
     _resume_and_compare(run, reference_runs(aug))
     # the original config is kept; TensorBoard continues in the same folder without duplicate epochs
     assert (run / ".hydra" / "config.yaml").is_file() and (run / ".hydra_resume").is_dir()
-    from segvoc.report import read_scalars
+    from segvoc.reporting.study import read_scalars
 
     assert len(read_scalars(run, ["val/loss"])["val/loss"]) == 3
 
