@@ -175,9 +175,10 @@ def test_export_temporary_names_are_unique(tmp_path, monkeypatch):
     task = build_task(compose(["model=fcn_baseline", f"paths.output_dir={tmp_path}"]), pretrained=False).eval()
     target = tmp_path / "model.pt"
     for _ in range(2):
-        exporting.export_torchscript(exporting.deploy_model(task), target, {"k": 1})
+        exporting.export(task, target, "torchscript", {"k": 1})
     assert len(seen) == 2 and seen[0] != seen[1]
-    assert all(Path(p).parent == tmp_path and Path(p).name.startswith(".model.pt.") for p in seen)
+    assert all(Path(p).parent == tmp_path and Path(p).name.startswith(".model.") and Path(p).suffix == ".pt"
+               for p in seen)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]  # no temporary file left behind
 
 
