@@ -197,7 +197,7 @@ def test_failed_sweep_job_counts_as_finished_once_it_runs_again(smoke_cfg, tmp_p
     (job / FAILED_MARKER).write_text(json.dumps({"error": "DatasetError: broken file"}))
     assert summarize(tmp_path / "sweep")["failed"] == {"0_fcn_baseline": "DatasetError: broken file"}
     train(smoke_cfg(f"paths.output_dir={job}", "trainer.max_epochs=1", "resume=auto"))
-    assert summarize(tmp_path / "sweep") == {"ok": ["0_fcn_baseline"], "failed": {}}
+    assert summarize(tmp_path / "sweep") == {"ok": ["0_fcn_baseline"], "failed": {}, "pruned": [], "running": []}
 
 
 def test_tree_check_lists_every_problem_in_one_pass(voc_mini, tmp_path):
@@ -236,7 +236,7 @@ def test_tree_check_lists_every_problem_in_one_pass(voc_mini, tmp_path):
     ("data.batch_size=0", "data.batch_size"), ("trainer.max_epochs=-1", "trainer.max_epochs"),
     ("optimizer.lr=0", "optimizer.lr"), ("data.num_workers=-1", "data.num_workers"), ("data.subset=0", "data.subset"),
     ("data.image_size=2.5", "data.image_size"),
-    ("+trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches"),
+    ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches"),
     ("data.eval_batch_size=many", "data.eval_batch_size"), ("data.test_fraction=1", "data.test_fraction"),
 ])
 def test_bad_numbers_are_one_line_exit_2_before_any_work(typed, key, smoke_cfg, tmp_path, capsys):
@@ -375,6 +375,7 @@ def test_compiled_model_trains_compiled_and_evaluates_eager(tmp_path):
         compiled.append(tuple(example_inputs[0].shape) if example_inputs else ())
         return gm.forward
 
+    torch._dynamo.reset()  # graphs compiled by earlier tests in this process would be reused without our backend
     task = build_task(compose(["model=fcn_baseline", f"paths.output_dir={tmp_path}"]), pretrained=False)
     task.model.compile(backend=backend)  # in place, as perf.compile does (a counting backend instead of inductor)
     task.eval()
