@@ -8,8 +8,8 @@ EXP ?= experiment=4a_baseline
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-cache-dir --upgrade pip
+	$(PY) -m pip install -q --no-cache-dir -e '.[test]'
 	@# 0.4 replaced hydra-optuna-sweeper (optuna<3) by segvoc's own sweeper: drop it from a venv made before
 	$(PY) -m pip uninstall -q -y hydra-optuna-sweeper 2>/dev/null || true
 	touch $@

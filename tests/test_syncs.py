@@ -92,6 +92,19 @@ def test_counter_sees_each_kind_of_sync_and_skips_the_data_pipeline():
     assert counter.total("train") == 0, counter.report()
 
 
+def test_counter_leaves_torch_as_it_found_it():
+    """After counting, ``torch.Tensor`` has the same attributes and a 0-d tensor is still no sequence: patching
+    ``__getitem__`` on the class (even set back) made ``torch.tensor([t0, t1])`` of 0-d tensors fail for the rest of
+    the process ("len() of a 0-d tensor"), which broke later tests in the suite."""
+    before = dict(vars(torch.Tensor))
+    with SyncCounter() as counter:
+        counter.active = "train"
+        torch.arange(3.0)[torch.tensor([True, False, True])]
+    assert counter.total("train") == 1
+    assert dict(vars(torch.Tensor)) == before
+    assert torch.tensor([torch.tensor(0.5), torch.tensor(0.25)]).tolist() == [0.5, 0.25]
+
+
 def test_progress_bar_shows_the_loss_read_at_logging_steps(tmp_path, sync_root):
     """The bar's loss changes only at logging steps (every 3rd here) and is the loss logged there."""
     from segvoc.engine.builders import build_datamodule, build_task, build_trainer

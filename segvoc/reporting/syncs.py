@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from pytorch_lightning.callbacks import Callback
+from torch.overrides import TorchFunctionMode
 
 # host-side on a GPU run too: anything the loader calls, and torch.optim's own reads of its step counters (CPU
 # tensors unless capturable/fused; only the direct caller: the training step itself runs inside optimizer.step)
@@ -36,6 +37,22 @@ def _is_bool_mask(index: Any) -> bool:
     return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool and i.dim() > 0 for i in items)
 
 
+class _BoolMaskIndexing(TorchFunctionMode):
+    """Records boolean-mask indexing and assignment (data-dependent shapes) through ``record``."""
+
+    def __init__(self, record: Any, originals: dict[Any, Any]) -> None:
+        super().__init__()
+        self.record, self.originals = record, originals
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func is torch.Tensor.__getitem__ and len(args) > 1 and _is_bool_mask(args[1]):
+            self.record("bool-mask index")
+        elif func is torch.Tensor.__setitem__ and len(args) > 1 and _is_bool_mask(args[1]):
+            self.record("bool-mask assign")
+        # torch hands a patched method back here by name: call what it wraps, or the call would count twice
+        return self.originals.get(func, func)(*args, **(kwargs or {}))
+
+
 class SyncCounter:
     """Context manager patching torch; ``counts[(phase, call, "file:line")]`` while ``active`` names a phase
     (``"train"``, ``"eval"``; ``None``: not counting). Not thread-aware: use it around one loop at a time."""
@@ -47,16 +64,18 @@ class SyncCounter:
         self.active: str | None = None
         self._saved: list[tuple[Any, str, Any]] = []
         self._inside = False
+        self._mode: _BoolMaskIndexing | None = None
+        self._originals: dict[Any, Any] = {}
 
     def total(self, phase: str = "train") -> int:
         return sum(n for (p, _, _), n in self.counts.items() if p == phase)
 
-    def _record(self, name: str) -> None:
+    def _record(self, name: str, depth: int = 2) -> None:
         if not self.active or self._inside:
             return
         self._inside = True
         try:
-            frame = sys._getframe(2)
+            frame = sys._getframe(depth)
             site = f"{frame.f_code.co_filename}:{frame.f_lineno}"
             if any(h in site.replace("\\", "/") for h in self.host_side_callers):
                 return
@@ -71,8 +90,11 @@ class SyncCounter:
 
     def _patch(self, owner: Any, attr: str, wrapper_for: Any) -> None:
         original = getattr(owner, attr)
-        self._saved.append((owner, attr, original))
-        setattr(owner, attr, wrapper_for(original))
+        # inherited from the C base: deleted again on exit rather than set on ``torch.Tensor`` itself
+        self._saved.append((owner, attr, original if attr in vars(owner) else None))
+        wrapper = wrapper_for(original)
+        self._originals[wrapper] = original
+        setattr(owner, attr, wrapper)
 
     def __enter__(self) -> SyncCounter:
         record = self._record
@@ -94,35 +116,30 @@ class SyncCounter:
                 return counted
             return wrap
 
-        def getitem(original: Any) -> Any:
-            def counted(self_: torch.Tensor, index: Any) -> Any:
-                if _is_bool_mask(index):
-                    record("bool-mask index")
-                return original(self_, index)
-            return counted
-
-        def setitem(original: Any) -> Any:
-            def counted(self_: torch.Tensor, index: Any, value: Any) -> Any:
-                if _is_bool_mask(index):
-                    record("bool-mask assign")
-                return original(self_, index, value)
-            return counted
-
         for name in _TENSOR_METHODS:
             self._patch(torch.Tensor, name, method(name))
         for name in _TORCH_FUNCTIONS:
             self._patch(torch, name, function(f"torch.{name}"))
         self._patch(torch, "tensor", function("torch.tensor(device=)", only_with_device=True))
         self._patch(torch, "as_tensor", function("torch.as_tensor(device=)", only_with_device=True))
-        self._patch(torch.Tensor, "__getitem__", getitem)
-        self._patch(torch.Tensor, "__setitem__", setitem)
+        # indexing through a mode, not by patching: ``__getitem__`` set on ``torch.Tensor`` (even set back or deleted)
+        # leaves a Python-level sequence slot behind, after which ``torch.tensor([t0, t1])`` of 0-d tensors fails
+        self._mode = _BoolMaskIndexing(record, self._originals)
+        self._mode.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.active = None
+        if self._mode is not None:
+            self._mode.__exit__(None, None, None)
+            self._mode = None
         while self._saved:
             owner, attr, original = self._saved.pop()
-            setattr(owner, attr, original)
+            if original is None:
+                delattr(owner, attr)
+            else:
+                setattr(owner, attr, original)
+        self._originals.clear()
 
     def report(self, top: int = 12) -> str:
         """The most frequent (phase, call, site) triples, one a line."""
