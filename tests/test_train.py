@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.core.hydra_config import HydraConfig
 from PIL import Image
 from torchvision.models import resnet34
-
-from hydra.core.hydra_config import HydraConfig
 
 from segvoc.config import CONF_DIR, REPO_ROOT
 from segvoc.train import train
