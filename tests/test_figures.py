@@ -16,6 +16,7 @@ from segvoc.evaluation.figures import (
     PANELS,
     confusion_figure,
     legend_entries,
+    overlay_with_legend,
     prediction_figure,
     share_text,
 )
@@ -73,6 +74,9 @@ def test_overlay_legend_lists_only_the_classes_present_with_their_share():
     assert legend_entries(mask) == [(0, 0.9799), (15, 0.02), (3, 0.0001)]
     assert [share_text(s) for _, s in legend_entries(mask)] == ["97.99 %", "2.00 %", "0.01 %"]
     assert share_text(1 / 500_000) == "<0.01 %"  # a present class never reads 0.00 %
+    image = np.zeros((100, 100, 3), np.uint8)
+    small = overlay_with_legend(image[:20], np.zeros((20, 100), np.uint8) + (np.arange(100) >= 90) * 15)
+    assert small.shape[0] == 18 * 2 + 8  # two legend rows (18 px each): background and person, nothing else
 
 
 def test_top_confused_pair_is_the_largest_off_diagonal_entry():
