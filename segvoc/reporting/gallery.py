@@ -96,11 +96,10 @@ def rerun_images(run: Path, image_ids: Sequence[str], split: str = "test", devic
     image's own size; ids missing from the split (data changed since) are skipped."""
     import torch
 
-    from segvoc.deploy.exported import load_any_task
-    from segvoc.engine.builders import build_datamodule
+    from segvoc.engine.builders import build_datamodule, load_task
     from segvoc.evaluation.inference import predict_mask
 
-    task, cfg = load_any_task(run / "checkpoints" / "best.ckpt")
+    task, cfg = load_task(run / "checkpoints" / "best.ckpt")
     task.to(device)
     dm = build_datamodule(cfg)
     dm.prepare_data()

@@ -165,15 +165,14 @@ def predictions_png(run: Run, num_images: int, path: Path, device: str = "cpu", 
     titles, a legend of the classes shown and the run's label (``title``: its group and seed) as title."""
     import torch
 
-    from segvoc.deploy.exported import load_any_task
-    from segvoc.engine.builders import build_datamodule
+    from segvoc.engine.builders import build_datamodule, load_task
     from segvoc.evaluation.figures import prediction_figure
     from segvoc.evaluation.inference import predict_mask
 
     ckpt = run.path / "checkpoints" / "best.ckpt"
     if not ckpt.is_file() or num_images <= 0:
         return False
-    task, cfg = load_any_task(ckpt)
+    task, cfg = load_task(ckpt)
     task.to(device)
     dm = build_datamodule(cfg)
     dm.prepare_data()
