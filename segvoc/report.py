@@ -3,7 +3,8 @@
 Reads each run's ``metrics.json``, ``.hydra/config.yaml``, ``confusion.json`` and TensorBoard scalars; writes
 ``results.md``/``results.csv`` (runs beside the report's published figures, plus per-class IoU), ``summary.csv`` and
 ``per_class_iou_by_group.png`` (runs that differ only in ``seed`` grouped: mean ± std),
-``<run>_loss.png`` (Figures 1, 2, 4), ``<run>_predictions.png`` (Figures 3, 5) and ``<run>_confusion.png``.
+``<run>_loss.png`` (Figures 1, 2, 4), ``<run>_predictions.png`` (Figures 3, 5), ``<run>_confusion.png`` and
+``failure_gallery.png`` (the ``gallery`` worst test images of the best group).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def report(cfg: DictConfig) -> dict[str, Any]:
     sweep = list(cfg.sweep) if isinstance(cfg.sweep, ListConfig) else str(cfg.sweep)
     published = OmegaConf.to_container(cfg.published, resolve=True)
     result = build_report(sweep, Path(cfg.output), published, int(cfg.num_images), cfg.confusion_split, cfg.device,
-                          OmegaConf.to_container(cfg.stats, resolve=True))
+                          OmegaConf.to_container(cfg.stats, resolve=True), int(cfg.gallery))
     print((Path(cfg.output) / "results.md").read_text())
     print(f"figures: {len(result['figures'])} PNGs in {cfg.output}")
     return result

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from segvoc.config import compose
-from segvoc.data.palette import palette_bytes
+from segvoc.data.palette import VOC_CLASSES, palette_bytes
 from segvoc.evaluate import evaluate
 from segvoc.evaluation.inference import InferenceConfig, infer
 from segvoc.predict import predict
@@ -438,3 +438,90 @@ def test_loss_curves_are_titled_by_group_and_seed_with_integer_epochs_and_val_mi
 
     logged = read_scalars(trained_run, ("val/boundary_miou", "val/ece"))  # TensorBoard, each validation epoch
     assert len(logged["val/boundary_miou"]) == 2 and len(logged["val/ece"]) == 2
+
+
+def test_report_prediction_grid_has_column_titles_legend_and_the_run_label(trained_run, tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from segvoc.evaluation.figures import PANELS, class_color
+    from segvoc.reporting.study import Run, predictions_png
+
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: drawn.append(fig))
+    run = Run(trained_run, json.loads((trained_run / "metrics.json").read_text()), {"name": "4a_baseline"})
+    assert predictions_png(run, 2, tmp_path / "p.png", title="loss=dice, seed 1")
+    fig = drawn[0]
+    assert fig.get_suptitle() == f"loss=dice, seed 1 ({trained_run.name}): validation images"
+    assert [ax.get_title() for ax in fig.axes[:4]] == list(PANELS) and len(fig.axes) == 8
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    shown = set()  # the classes in the truths and predictions drawn (panels 1 and 2 of each row, figure colours)
+    colours = {class_color(c): name for c, name in enumerate(VOC_CLASSES)}
+    for ax in fig.axes[1::4] + fig.axes[2::4]:
+        pixels = np.asarray(ax.images[0].get_array()).reshape(-1, 3)
+        shown |= {colours[tuple(int(v) for v in p)] for p in np.unique(pixels, axis=0) if tuple(p) in colours}
+    assert set(legend) - {"void (255)"} == shown and legend  # exactly what appears, nothing else
+
+
+def test_tensorboard_prediction_grid_is_a_titled_figure(trained_run):
+    from types import SimpleNamespace
+    from unittest.mock import MagicMock
+
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    from segvoc.engine.builders import load_task
+
+    task, cfg = load_task(trained_run / "checkpoints" / "best.ckpt")
+    tb = MagicMock(spec=TensorBoardLogger)
+    task._trainer = SimpleNamespace(loggers=[tb], global_rank=0, current_epoch=3)
+    image = torch.zeros(3, 8, 10, dtype=torch.uint8)
+    mask = torch.zeros(8, 10, dtype=torch.long)
+    mask[2:4, 2:4] = 8
+    task._samples = [(image, mask, torch.zeros(8, 10, dtype=torch.long))]  # an all-background prediction
+    task._log_pictures(np.eye(21, dtype=np.int64))
+    figures = {c.args[0]: c.args[1] for c in tb.experiment.add_figure.call_args_list}
+    assert not tb.experiment.add_image.called
+    fig = figures["val/predictions"]
+    assert fig.get_suptitle() == f"{cfg.name}, seed {cfg.seed} ({Path(cfg.paths.output_dir).name}), epoch 3"
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["background", "cat"]
+    assert "val/confusion_matrix" in figures
+
+
+def test_failure_gallery_reruns_the_worst_test_images_through_the_checkpoint(trained_run, tmp_path):
+    import csv
+
+    from segvoc.reporting.gallery import rerun_images
+    from segvoc.runs.directory import read_per_image
+
+    result = build_report(str(trained_run), tmp_path, {}, num_images=0, gallery=2)
+    assert "failure_gallery.png" in result["figures"] and (tmp_path / "failure_gallery.png").is_file()
+    rows = list(csv.DictReader((trained_run / "per_image_test.csv").open()))
+    expect = sorted((r for r in rows if r["miou"]), key=lambda r: float(r["miou"]))[:2]  # stable: split order
+    md = (tmp_path / "results.md").read_text()
+    gallery = md[md.index("## Failure gallery"):]
+    table = [line.split(" | ") for line in gallery.splitlines() if line.startswith("| ") and "per-image" not in line]
+    assert [(c[0][2:], c[1]) for c in table] == [(r["id"], f"{float(r['miou']):.4f}") for r in expect]
+    ids, per_image = read_per_image(trained_run, "test")
+    for cells, r in zip(table, expect, strict=True):
+        m = per_image["confusion"][ids.index(r["id"])].copy()
+        np.fill_diagonal(m, -1)
+        t, p = np.unravel_index(np.argmax(m), m.shape)  # the image's largest off-diagonal entry, by hand
+        pair = f"{VOC_CLASSES[t]} → {VOC_CLASSES[p]} ({m[t, p]} px)" if m[t, p] > 0 else "-"
+        assert cells[2].rstrip(" |") == pair
+    # the rerun predictions are the ones that were scored: their confusion equals the stored per-image rows
+    for i, _, truth, pred in rerun_images(trained_run, [r["id"] for r in expect]):
+        valid = truth != 255
+        got = np.bincount(21 * truth[valid].astype(np.int64) + pred[valid], minlength=21 * 21).reshape(21, 21)
+        np.testing.assert_array_equal(got, per_image["confusion"][ids.index(i)])
+
+
+def test_report_config_sets_the_gallery_size(trained_run, tmp_path):
+    from segvoc.report import report
+
+    assert compose(["sweep=x"], config_name="report").gallery == 8
+    for n in (1, 0):
+        out = tmp_path / str(n)
+        report(compose([f"sweep={trained_run}", f"output={out}", f"paths.output_dir={out}", "num_images=0",
+                        f"gallery={n}"], config_name="report"))
+        md = (out / "results.md").read_text()
+        rows = md[md.index("## Failure gallery"):].count("| syn_") if n else 0
+        assert ("## Failure gallery" in md, rows) == (n > 0, n)

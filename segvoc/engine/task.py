@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -211,14 +212,23 @@ class SegmentationTask(pl.LightningModule):
         tb = next((lg for lg in self.loggers if isinstance(lg, TensorBoardLogger)), None)
         if tb is None or self.global_rank != 0:
             return
-        from segvoc.evaluation.figures import confusion_figure, prediction_grid
+        from segvoc.evaluation.figures import confusion_figure, prediction_figure
 
         if self._samples:
             rows = [(img.permute(1, 2, 0).cpu().numpy(), m.cpu().numpy(), p.cpu().numpy().astype(np.uint8))
                     for img, m, p in self._samples]
-            tb.experiment.add_image("val/predictions", prediction_grid(rows), self.current_epoch, dataformats="HWC")
+            tb.experiment.add_figure("val/predictions", prediction_figure(rows, self.run_title(), None,
+                                                                          self.class_names), self.current_epoch)
         tb.experiment.add_figure("val/confusion_matrix", confusion_figure(matrix, self.class_names),
                                  self.current_epoch)
+
+    def run_title(self) -> str:
+        """The run's label for figures: its name, seed and run directory (from the config it was built with), and
+        the epoch."""
+        cfg = self.hparams.get("cfg") or {}
+        out = (cfg.get("paths") or {}).get("output_dir")
+        parts = [str(cfg.get("name") or type(self.model).__name__), f"seed {cfg.get('seed', self.seed)}"]
+        return ", ".join(parts) + (f" ({Path(out).name})" if out else "") + f", epoch {self.current_epoch}"
 
     def _param_groups(self) -> list[dict]:
         """The model's trainable parameters; a model with ``param_groups()`` (e.g. an auxiliary head at 10x the

@@ -1,4 +1,5 @@
-"""Pictures: mask overlays (with a legend), image | truth | prediction grids, confusion-matrix heat maps."""
+"""Pictures: mask overlays (with a legend of the classes present and their share), image | truth | prediction |
+overlay figures (column titles, a legend of the classes shown, a title), confusion-matrix heat maps."""
 
 from __future__ import annotations
 
@@ -10,6 +11,13 @@ from matplotlib.figure import Figure
 
 from segvoc.data.palette import IGNORE_INDEX, VOC_CLASSES, VOC_COLORMAP, colorize
 
+PANELS = ("image", "truth", "prediction", "overlay")
+# Background drawn in the figures' colour masks (VOC's own is black, which an all-background prediction turns into
+# what looks like a missing panel): a pale blue-grey, far from every VOC colour (components 0/64/128/192; car is
+# (128, 128, 128)) and from void's (224, 224, 192).
+FIGURE_BACKGROUND = (196, 210, 228)
+VOID_NAME = "void (255)"
+
 
 def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """Blend an RGB uint8 image with the VOC colours of ``mask``; background and 255 stay as the image."""
@@ -20,61 +28,139 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarr
     return blend.clip(0, 255).astype(np.uint8)
 
 
-def prediction_row(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """One row: image | ground truth (colours) | prediction (colours) | prediction overlay."""
-    return np.concatenate([image, colorize(truth), colorize(pred), overlay(image, pred)], axis=1)
+def figure_colors(mask: np.ndarray) -> np.ndarray:
+    """VOC colours of a mask, background in ``FIGURE_BACKGROUND`` (visible, not a black hole)."""
+    rgb = colorize(mask)
+    rgb[mask == 0] = FIGURE_BACKGROUND
+    return rgb
 
 
-def prediction_grid(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], width: int = 256) -> np.ndarray:
-    """Stack ``prediction_row``s, each resized (nearest) to ``width`` per panel, into one RGB image."""
-    out = []
-    for image, truth, pred in rows:
-        h, w = truth.shape
-        size = (width, max(1, round(h * width / w)))
-        out.append(prediction_row(cv2.resize(image, size, interpolation=cv2.INTER_AREA),
-                                  cv2.resize(truth, size, interpolation=cv2.INTER_NEAREST),
-                                  cv2.resize(pred, size, interpolation=cv2.INTER_NEAREST)))
-    return np.concatenate(out, axis=0)
+def class_color(c: int) -> tuple[int, int, int]:
+    """The colour class ``c`` has in the figures."""
+    return FIGURE_BACKGROUND if c == 0 else tuple(int(v) for v in VOC_COLORMAP[c])
 
 
-def confusion_figure(matrix: np.ndarray, class_names: Sequence[str] = VOC_CLASSES, title: str = "") -> Figure:
-    """Row-normalised confusion matrix (rows = truth) as a heat map; classes with no pixels are dropped."""
+def legend_classes(masks: Sequence[np.ndarray], num_classes: int = len(VOC_CLASSES)) -> list[int]:
+    """The classes appearing in any of ``masks``, in class order; 255 (void) last when some mask holds it."""
+    present: set[int] = set()
+    for m in masks:
+        present |= {int(v) for v in np.unique(m)}
+    return sorted(c for c in present if c < num_classes) + ([IGNORE_INDEX] if IGNORE_INDEX in present else [])
+
+
+def _resized(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, width: int):
+    h, w = truth.shape
+    size = (width, max(1, round(h * width / w)))
+    return (cv2.resize(image, size, interpolation=cv2.INTER_AREA),
+            cv2.resize(truth, size, interpolation=cv2.INTER_NEAREST),
+            cv2.resize(pred, size, interpolation=cv2.INTER_NEAREST))
+
+
+def prediction_figure(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], title: str = "",
+                      row_titles: Sequence[str] | None = None, class_names: Sequence[str] = VOC_CLASSES,
+                      width: int = 256) -> Figure:
+    """One row per (image, truth, prediction): image | truth | prediction | overlay, each resized to ``width``
+    pixels wide; column titles on top, ``row_titles`` at the left, ``title`` above, and below a legend of the
+    classes appearing in the truths and predictions shown (``legend_classes``). Panels are outlined, background is
+    pale blue-grey (``FIGURE_BACKGROUND``)."""
+    from matplotlib.patches import Patch
+
+    rows = [_resized(*r, width) for r in rows]
+    heights = [r[1].shape[0] / r[1].shape[1] for r in rows]
+    panel = 2.2  # inches per panel width
+    fig = Figure(figsize=(4 * panel + (1.4 if row_titles else 0.2), panel * sum(heights) + 1.4), layout="constrained")
+    axes = fig.subplots(len(rows), 4, squeeze=False, gridspec_kw={"height_ratios": heights})
+    for r, (image, truth, pred) in enumerate(rows):
+        for ax, picture in zip(axes[r], (image, figure_colors(truth), figure_colors(pred), overlay(image, pred)),
+                               strict=True):
+            ax.imshow(picture, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set(visible=True, color="0.2", linewidth=0.8)
+        if row_titles:
+            axes[r, 0].set_ylabel(row_titles[r], fontsize=8, rotation=0, ha="right", va="center")
+    for ax, name in zip(axes[0], PANELS, strict=True):
+        ax.set_title(name, fontsize=10)
+    names = {**dict(enumerate(class_names)), IGNORE_INDEX: VOID_NAME}
+    shown = legend_classes([m for _, t, p in rows for m in (t, p)], len(class_names))
+    handles = [Patch(facecolor=np.array(class_color(c)) / 255, edgecolor="0.2", label=names[c]) for c in shown]
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(6, len(handles)), fontsize=8,
+                   frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def confusion_view(matrix: np.ndarray,
+                   class_names: Sequence[str] = VOC_CLASSES) -> tuple[np.ndarray, list[str], int]:
+    """The row-normalised matrix (rows = truth) of the classes present in the truth or the prediction, their names,
+    and how many classes (absent from both) were dropped."""
     m = np.asarray(matrix, dtype=np.float64)
     keep = (m.sum(0) + m.sum(1)) > 0
     m = m[keep][:, keep]
     names = [n for n, k in zip(class_names, keep, strict=True) if k]
-    norm = m / np.maximum(m.sum(1, keepdims=True), 1)
-    size = 2 + 0.45 * len(names)
-    fig = Figure(figsize=(size + 1.5, size))  # matplotlib's object API: no pyplot state, no backend switch
+    return m / np.maximum(m.sum(1, keepdims=True), 1), names, int((~keep).sum())
+
+
+CONFUSION_FONT = 10  # points: at the report's 110 dpi, digits about 11 px tall
+
+
+def confusion_figure(matrix: np.ndarray, class_names: Sequence[str] = VOC_CLASSES, title: str = "") -> Figure:
+    """Row-normalised confusion matrix (rows = truth) as a heat map of the classes present in the truth or the
+    prediction (``confusion_view``); the subtitle says how many were left out. Cells are 0.55 in and numbers
+    ``CONFUSION_FONT`` pt, whatever the number of classes."""
+    norm, names, dropped = confusion_view(matrix, class_names)
+    size = 2.2 + 0.55 * len(names)
+    fig = Figure(figsize=(size + 1.2, size + 0.5), layout="constrained")  # object API: no pyplot state
     ax = fig.subplots()
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(names)), names, rotation=90)
-    ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("ground truth")
-    if len(names) <= 22:
-        for i in range(len(names)):
-            for j in range(len(names)):
-                if norm[i, j] >= 0.01:
-                    ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                            color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=CONFUSION_FONT)
+    ax.set_yticks(range(len(names)), names, fontsize=CONFUSION_FONT)
+    ax.set_xlabel("predicted", fontsize=CONFUSION_FONT)
+    ax.set_ylabel("ground truth", fontsize=CONFUSION_FONT)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            if norm[i, j] >= 0.01:
+                ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center",
+                        fontsize=CONFUSION_FONT, color="white" if norm[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046)
-    ax.set_title(title or "confusion matrix (row-normalised)")
-    fig.tight_layout()
+    head = title or "confusion matrix (row-normalised)"
+    if dropped:
+        head += f"\n{dropped} classes absent from truth and prediction not shown"
+    ax.set_title(head, fontsize=CONFUSION_FONT + 1)
     return fig
 
 
+def legend_entries(mask: np.ndarray, num_classes: int = len(VOC_CLASSES)) -> list[tuple[int, float]]:
+    """(class, share of the mask's pixels) of each class present, largest share first (ties in class order)."""
+    counts = np.bincount(mask.reshape(-1).astype(np.int64), minlength=num_classes)[:num_classes]
+    total = max(int(mask.size), 1)
+    return sorted(((c, int(n) / total) for c, n in enumerate(counts) if n > 0), key=lambda e: (-e[1], e[0]))
+
+
+def share_text(share: float) -> str:
+    """A share as a percentage; a present class never reads 0.00 %."""
+    return "<0.01 %" if 0 < share < 1e-4 else f"{100 * share:.2f} %"
+
+
 def overlay_with_legend(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """The blended overlay with a legend strip (colour swatch + class name) for the classes present."""
+    """The blended overlay with a legend strip (colour swatch, class name, share of the pixels) for the classes
+    present in ``mask`` (``legend_entries``)."""
     blended = overlay(image, mask, alpha)
-    present = [int(c) for c in np.unique(mask) if c < len(VOC_CLASSES)]
+    present = legend_entries(mask)
     row_h = max(18, image.shape[0] // 25)
-    legend = np.full((row_h * len(present) + 8, max(170, image.shape[1] // 4), 3), 255, np.uint8)
-    for k, c in enumerate(present):
+    labels = [f"{VOC_CLASSES[c]} {share_text(share)}" for c, share in present]
+    text_w = max((cv2.getTextSize(t, cv2.FONT_HERSHEY_SIMPLEX, row_h / 36, 1)[0][0] for t in labels), default=0)
+    legend = np.full((row_h * len(present) + 8, row_h + 16 + text_w, 3), 255, np.uint8)
+    for k, ((c, _), label) in enumerate(zip(present, labels, strict=True)):
         y = 4 + k * row_h
-        cv2.rectangle(legend, (6, y + 2), (6 + row_h - 4, y + row_h - 2), VOC_COLORMAP[c].tolist(), -1)
-        cv2.putText(legend, VOC_CLASSES[c], (row_h + 8, y + row_h - 5), cv2.FONT_HERSHEY_SIMPLEX,
-                    row_h / 36, (0, 0, 0), 1, cv2.LINE_AA)
+        swatch = (255, 255, 255) if c == 0 else class_color(c)  # background is not tinted in the overlay
+        cv2.rectangle(legend, (6, y + 2), (6 + row_h - 4, y + row_h - 2), list(swatch), -1)
+        cv2.rectangle(legend, (6, y + 2), (6 + row_h - 4, y + row_h - 2), (60, 60, 60), 1)
+        cv2.putText(legend, label, (row_h + 8, y + row_h - 5),
+                    cv2.FONT_HERSHEY_SIMPLEX, row_h / 36, (0, 0, 0), 1, cv2.LINE_AA)
     h = max(blended.shape[0], legend.shape[0])
     canvas = np.full((h, blended.shape[1] + legend.shape[1], 3), 255, np.uint8)
     canvas[: blended.shape[0], : blended.shape[1]] = blended

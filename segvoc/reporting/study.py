@@ -3,7 +3,8 @@
 Reads each run's ``metrics.json``, ``.hydra/config.yaml``, ``confusion.json`` and TensorBoard scalars; writes
 ``results.md``/``results.csv`` (runs beside the report's published figures, plus per-class IoU), ``summary.csv`` and
 ``per_class_iou_by_group.png`` (runs that differ only in ``seed`` grouped: mean ± std),
-``<run>_loss.png`` (Figures 1, 2, 4), ``<run>_predictions.png`` (Figures 3, 5) and ``<run>_confusion.png``.
+``<run>_loss.png`` (Figures 1, 2, 4), ``<run>_predictions.png`` (Figures 3, 5), ``<run>_confusion.png`` and
+``failure_gallery.png`` (``segvoc.reporting.gallery``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from omegaconf import OmegaConf
 from segvoc.data.palette import VOC_CLASSES
 from segvoc.errors import ConfigError
 from segvoc.reporting.comparison import compare, comparison_csv, comparison_markdown
+from segvoc.reporting.gallery import GALLERY_PNG, failure_gallery
 from segvoc.runs.seed_groups import METRICS, SPLITS, SeedGroup, group_by_seed, mean_std, summary_rows
 from segvoc.tables import fmt, markdown_table
 from segvoc.utils import atomic_write_text
@@ -158,13 +160,13 @@ def confusion_png(run: Run, split: str, path: Path) -> bool:
     return True
 
 
-def predictions_png(run: Run, num_images: int, path: Path, device: str = "cpu") -> bool:
-    """Image | truth | prediction | overlay for the first validation images (report Figures 3, 5)."""
+def predictions_png(run: Run, num_images: int, path: Path, device: str = "cpu", title: str | None = None) -> bool:
+    """Image | truth | prediction | overlay for the first validation images (report Figures 3, 5), with column
+    titles, a legend of the classes shown and the run's label (``title``: its group and seed) as title."""
     import torch
-    from PIL import Image
 
     from segvoc.engine.builders import build_datamodule, load_task
-    from segvoc.evaluation.figures import prediction_grid
+    from segvoc.evaluation.figures import prediction_figure
     from segvoc.evaluation.inference import predict_mask
 
     ckpt = run.path / "checkpoints" / "best.ckpt"
@@ -181,7 +183,8 @@ def predictions_png(run: Run, num_images: int, path: Path, device: str = "cpu") 
         for k in range(min(num_images, len(ds))):
             image, truth = ds.load(k)
             rows.append((image, truth, predict_mask(task.predict_log_probs, image, device)))
-    Image.fromarray(prediction_grid(rows)).save(path)
+    label = f"{title or run.experiment} ({run.label}): validation images"
+    prediction_figure(rows, label, class_names=VOC_CLASSES[: int(cfg.data.num_classes)]).savefig(path, dpi=100)
     return True
 
 
@@ -321,9 +324,11 @@ def per_class_by_group_png(groups: Sequence[SeedGroup], path: Path) -> bool:
 
 def build_report(sweep: str | Sequence[str], output: Path, published: dict[str, Any], num_images: int = 4,
                  confusion_split: str = "test", device: str = "cpu",
-                 stats: dict[str, Any] | None = None) -> dict[str, Any]:
+                 stats: dict[str, Any] | None = None, gallery: int = 0) -> dict[str, Any]:
     """Write tables and figures for the runs under ``sweep`` into ``output``; returns what was written.
-    ``stats``: ``conf/stats`` (bootstrap, confidence, seed, alpha, baseline) for the paired comparisons."""
+    ``stats``: ``conf/stats`` (bootstrap, confidence, seed, alpha, baseline) for the paired comparisons;
+    ``gallery``: how many worst test images of the best group the failure gallery shows (``conf/report.yaml``;
+    0: none)."""
     runs = find_runs(sweep)
     output.mkdir(parents=True, exist_ok=True)
     groups = group_by_seed([r.path for r in runs], [r.metrics for r in runs])
@@ -335,7 +340,9 @@ def build_report(sweep: str | Sequence[str], output: Path, published: dict[str, 
         atomic_write_text(output / "comparison.csv", comparison_csv(comparison))
         link = ("\n## Is the difference real?\n\nPaired bootstrap comparisons against the baseline group, "
                 "Holm-adjusted: [comparison.md](comparison.md) ([comparison.csv](comparison.csv)).\n")
-    atomic_write_text(output / "results.md", results_markdown(runs, published) + groups_markdown(groups) + link)
+    failures = failure_gallery(groups, output, gallery, device)
+    atomic_write_text(output / "results.md",
+                      results_markdown(runs, published) + groups_markdown(groups) + link + failures)
     atomic_write_text(output / "summary.csv", summary_csv(groups))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=[*RESULT_COLUMNS, *(f"iou_{c}" for c in VOC_CLASSES)])
@@ -351,12 +358,15 @@ def build_report(sweep: str | Sequence[str], output: Path, published: dict[str, 
     for r in runs:
         for suffix, make in (("loss", lambda r, p: loss_curve_png(r, p, titles.get(r.path))),
                              ("confusion", lambda r, p: confusion_png(r, confusion_split, p)),
-                             ("predictions", lambda r, p: predictions_png(r, num_images, p, device))):
+                             ("predictions", lambda r, p: predictions_png(r, num_images, p, device,
+                                                                          titles.get(r.path)))):
             p = output / f"{r.label}_{suffix}.png"
             if make(r, p):
                 figures.append(p.name)
     if per_class_by_group_png(groups, output / "per_class_iou_by_group.png"):
         figures.append("per_class_iou_by_group.png")
+    if failures and (output / GALLERY_PNG).is_file():
+        figures.append(GALLERY_PNG)
     log.info("report of %d runs in %d groups in %s", len(runs), len(groups), output)
     return {"runs": [str(r.path) for r in runs], "groups": [g.label for g in groups], "figures": figures,
             "comparison": comparison}
