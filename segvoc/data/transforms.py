@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 import albumentations as A
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig
@@ -17,6 +19,14 @@ def build_pipeline(steps: ListConfig | Sequence[DictConfig] | None) -> A.Compose
     if not steps:
         return None
     return A.Compose([instantiate(step) for step in steps])
+
+
+def seed_pipeline(pipeline: A.Compose, seed: int) -> None:
+    """Seed a pipeline so that its steps draw one after another from one ``random.Random(seed)`` stream (what
+    ``data.device_augment`` replays). ``Compose.set_random_seed`` would give every step its own generator seeded
+    alike: each step's first draw would then be the same number, so a flip, a rotation (both p=0.5) and a scale
+    below 1 would always come together."""
+    pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
 
 
 def pad_collate(samples: list[dict]) -> dict:

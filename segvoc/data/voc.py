@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from segvoc.data.io import load_image, load_mask
 from segvoc.data.sampling import mix_seed
+from segvoc.data.transforms import seed_pipeline
 from segvoc.errors import DatasetError
 
 REQUIRED_DIRS = ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation")
@@ -202,8 +203,8 @@ class VOCPairs(Dataset):
             epoch, index = index
         image, mask = self.load(index)
         if self.transform is not None:
-            if hasattr(self.transform, "set_random_seed"):
-                self.transform.set_random_seed(mix_seed(self.seed, epoch, index) % (2**32))
+            if hasattr(self.transform, "set_random_state"):
+                seed_pipeline(self.transform, mix_seed(self.seed, epoch, index) % (2**32))
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
         return {
