@@ -151,6 +151,7 @@ class VOCPairs(Dataset):
         self.seed = seed
         self._sizes: list[tuple[int, int]] | None = None
         self.decoded: Any = None  # DecodedPairs when data.decode_cache is on
+        self.device_augment: Any = None  # DeviceAugment when data.device_augment is on: plans, no transform
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -202,7 +203,10 @@ class VOCPairs(Dataset):
         if isinstance(index, tuple):
             epoch, index = index
         image, mask = self.load(index)
-        if self.transform is not None:
+        item: dict[str, Any] = {}
+        if self.device_augment is not None:  # parameters only: the device runs them (data.device_augment)
+            item["augment"] = self.device_augment.draw(mix_seed(self.seed, epoch, index) % (2**32), *mask.shape)
+        elif self.transform is not None:
             if hasattr(self.transform, "set_random_state"):
                 seed_pipeline(self.transform, mix_seed(self.seed, epoch, index) % (2**32))
             out = self.transform(image=image, mask=mask)
@@ -211,4 +215,5 @@ class VOCPairs(Dataset):
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
             "mask": torch.from_numpy(np.ascontiguousarray(mask)),
             "id": self.ids[index],
+            **item,
         }
