@@ -20,6 +20,7 @@ from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
+from segvoc.data.device_augment import DeviceAugment, augment_batch
 from segvoc.data.palette import VOC_CLASSES
 from segvoc.data.transforms import Normalize
 from segvoc.engine.builders import build_datamodule, build_loss, build_model, build_task, build_trainer
@@ -282,7 +283,31 @@ def loader(cfg: DictConfig, batches: int) -> dict[str, Any]:
     result["decode_cache_speedup"] = result["img_s_decode_cache_one_process"] / result["img_s_one_process"]
     cached.num_workers = dm.num_workers
     result["img_s_decode_cache"] = _images_per_second(cached.train_dataloader(), batches)
+    # data.device_augment: the workers only decode (or read the cache) and draw the parameters; the device augments
+    for key, source in (("device_augment", single), ("decode_cache_device_augment", cached)):
+        dev = _with_device_augment(source, cfg)
+        dev.num_workers = 0
+        result[f"img_s_{key}_one_process"] = _images_per_second(dev.train_dataloader(), max(2, batches // 3))
+        result[f"{key}_speedup"] = result[f"img_s_{key}_one_process"] / result["img_s_one_process"]
+        dev.num_workers = dm.num_workers
+        result[f"img_s_{key}"] = _images_per_second(dev.train_dataloader(), batches)
+    # what the device then does, timed here on the CPU (a GPU does it far faster): ms per image
+    dev = _with_device_augment(single, cfg)
+    batch = next(iter(dev.train_dataloader()))
+    t0 = time.perf_counter()
+    augment_batch(batch)
+    result["device_augment_cpu_ms_per_image"] = 1000 * (time.perf_counter() - t0) / len(batch["id"])
     return result
+
+
+def _with_device_augment(dm: Any, cfg: DictConfig) -> Any:
+    """A shallow copy of ``dm`` whose train split hands over decoded pairs and plans (``data.device_augment``)."""
+    dev = copy.copy(dm)
+    dev.datasets = dict(dm.datasets)
+    dev.datasets["train"] = copy.copy(dm.datasets["train"])
+    dev.datasets["train"].transform = None
+    dev.datasets["train"].device_augment = DeviceAugment.from_steps(cfg.augment.get("train"))
+    return dev
 
 
 def fit_data_wait(cfg: DictConfig, steps: int) -> dict[str, float]:
