@@ -121,8 +121,8 @@ def _run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
               f"data.decode_cache=true {loader['img_s_decode_cache']:.1f} img/s "
               f"(x{loader['decode_cache_speedup']:.2f} per worker); with data.device_augment=true "
               f"{loader['img_s_device_augment']:.1f} img/s (x{loader['device_augment_speedup']:.2f} per worker; "
-              f"the augmentation then takes {loader['device_augment_cpu_ms_per_image']:.1f} ms/img on this CPU's "
-              f"main process); with both {loader['img_s_decode_cache_device_augment']:.1f} img/s "
+              f"the augmentation then takes {loader['device_augment_cpu_ms_per_image']:.1f} ms/img on one CPU "
+              f"thread); with both {loader['img_s_decode_cache_device_augment']:.1f} img/s "
               f"(x{loader['decode_cache_device_augment_speedup']:.2f} per worker)", flush=True)
 
     for name in args.fit_models:

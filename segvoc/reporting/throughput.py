@@ -5,11 +5,12 @@ Every function returns plain numbers; ``segvoc.bench`` decides what to run, prin
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import statistics
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -236,7 +237,22 @@ def voc_sized_config(out: Path, batch_size: int, workers: int | None, device: to
     return compose(ov)
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Torch on one thread, as in a DataLoader worker: the one-process loader rates are then per-worker rates (with
+    more threads, the collate's tensor copies spin OpenMP threads that, on a busy machine, cost more than they do)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _images_per_second(loader: DataLoader, batches: int) -> float:
+    if loader.num_workers == 0 and torch.get_num_threads() > 1:
+        with _one_thread():
+            return _images_per_second(loader, batches)
     it = iter(loader)
     next(it)  # worker start-up and the first fetch are not throughput
     t0, n = time.perf_counter(), 0
@@ -291,12 +307,15 @@ def loader(cfg: DictConfig, batches: int) -> dict[str, Any]:
         result[f"{key}_speedup"] = result[f"img_s_{key}_one_process"] / result["img_s_one_process"]
         dev.num_workers = dm.num_workers
         result[f"img_s_{key}"] = _images_per_second(dev.train_dataloader(), batches)
-    # what the device then does, timed here on the CPU (a GPU does it far faster): ms per image
-    dev = _with_device_augment(single, cfg)
-    batch = next(iter(dev.train_dataloader()))
-    t0 = time.perf_counter()
-    augment_batch(batch)
-    result["device_augment_cpu_ms_per_image"] = 1000 * (time.perf_counter() - t0) / len(batch["id"])
+    # what the device then does, timed here on one CPU thread (a GPU does it far faster): ms per image
+    it = iter(_with_device_augment(single, cfg).train_dataloader())
+    batches_ = [next(it) for _ in range(3)]
+    with _one_thread():
+        t0 = time.perf_counter()
+        for batch in batches_:
+            augment_batch(batch)
+        result["device_augment_cpu_ms_per_image"] = 1000 * (time.perf_counter() - t0) / sum(
+            len(b["id"]) for b in batches_)
     return result
 
 
