@@ -198,3 +198,23 @@ def test_unsupported_preset_fails_when_the_datamodule_is_built(tmp_path):
         cfg.augment.train.append({"_target_": "albumentations.GaussNoise"})
     with pytest.raises(ConfigError, match="GaussNoise"):
         build_datamodule(cfg)
+
+
+def test_device_side_augmentation_makes_no_host_sync():
+    """Counted as in tests/test_syncs.py (calls that would stall a GPU's stream): none per batch, rotations
+    included (torchvision's ``F.rotate`` would make three blocking host-to-device copies per call)."""
+    from segvoc.reporting.syncs import SyncCounter
+
+    device = DeviceAugment.from_steps(_report(32))
+    samples = []
+    for seed in range(6):
+        image, mask = _pattern(40, 52)
+        samples.append({"image": torch.from_numpy(image.transpose(2, 0, 1).copy()), "mask": torch.from_numpy(mask),
+                        "id": str(seed), "augment": device.draw(seed, 40, 52)})
+    batch = pad_collate(samples)
+    assert any(op[0] == "rotate" for plan in batch["augment"] for op in plan.ops)
+    with SyncCounter() as counter:
+        counter.active = "train"
+        augment_batch(batch)
+        counter.active = None
+    assert counter.total("train") == 0, counter.report()
