@@ -181,6 +181,8 @@ def test_fit_runs_the_plans_on_the_device_side(smoke_cfg):
     {"_target_": "albumentations.Rotate", "limit": 10, "border_mode": 4},
     {"_target_": "albumentations.PadIfNeeded", "min_height": 32, "min_width": 32, "position": "random"},
     {"_target_": "albumentations.RandomCrop", "height": 32, "width": 32, "pad_position": "random"},
+    {"_target_": "albumentations.RandomScale", "scale_limit": 0.5, "area_for_downscale": "image"},
+    {"_target_": "albumentations.Rotate", "limit": 10, "fill": [0, 0, 0]},
 ])
 def test_unsupported_steps_are_one_line_naming_the_key_and_the_fix(step):
     with pytest.raises(ConfigError) as err:

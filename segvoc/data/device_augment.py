@@ -33,6 +33,7 @@ from segvoc.errors import ConfigError
 
 BORDER_CONSTANT = 0  # cv2.BORDER_CONSTANT
 INTER_NEAREST, INTER_LINEAR = 0, 1  # cv2 flags
+ANY, NUMBER = object(), object()  # DeviceAugment.SUPPORTED: any value; an int or float
 
 
 class Plan(NamedTuple):
@@ -63,18 +64,18 @@ class DeviceAugment:
     """The translated steps of one augment pipeline; ``draw`` per sample on the host, ``augment_batch`` on the
     device."""
 
-    # the keys each supported step takes, and the values it only supports (None: any value)
+    # the arguments each supported step takes: ANY value, a NUMBER, or one of the listed values
     SUPPORTED: Mapping[str, Mapping[str, Any]] = {
-        "HorizontalFlip": {"p": None},
-        "VerticalFlip": {"p": None},
-        "RandomScale": {"p": None, "scale_limit": None, "interpolation": INTER_LINEAR,
-                        "mask_interpolation": INTER_NEAREST, "area_for_downscale": None},
-        "Rotate": {"p": None, "limit": None, "border_mode": BORDER_CONSTANT, "fill": None, "fill_mask": None,
-                   "interpolation": INTER_LINEAR, "mask_interpolation": INTER_NEAREST, "crop_border": False},
-        "PadIfNeeded": {"p": None, "min_height": None, "min_width": None, "pad_height_divisor": None,
-                        "pad_width_divisor": None, "position": ("center", "top_left"),
-                        "border_mode": BORDER_CONSTANT, "fill": None, "fill_mask": None},
-        "RandomCrop": {"p": None, "height": None, "width": None, "pad_if_needed": False},
+        "HorizontalFlip": {"p": NUMBER},
+        "VerticalFlip": {"p": NUMBER},
+        "RandomScale": {"p": NUMBER, "scale_limit": ANY, "interpolation": (INTER_LINEAR,),
+                        "mask_interpolation": (INTER_NEAREST,), "area_for_downscale": (None,)},
+        "Rotate": {"p": NUMBER, "limit": ANY, "border_mode": (BORDER_CONSTANT,), "fill": NUMBER, "fill_mask": NUMBER,
+                   "interpolation": (INTER_LINEAR,), "mask_interpolation": (INTER_NEAREST,), "crop_border": (False,)},
+        "PadIfNeeded": {"p": NUMBER, "min_height": ANY, "min_width": ANY, "pad_height_divisor": ANY,
+                        "pad_width_divisor": ANY, "position": ("center", "top_left"),
+                        "border_mode": (BORDER_CONSTANT,), "fill": NUMBER, "fill_mask": NUMBER},
+        "RandomCrop": {"p": NUMBER, "height": ANY, "width": ANY, "pad_if_needed": (False,)},
     }
     DEFAULT_P = {"RandomScale": 0.5, "Rotate": 0.5, "HorizontalFlip": 0.5, "VerticalFlip": 0.5}
 
@@ -97,9 +98,11 @@ class DeviceAugment:
                 if key not in allowed:
                     raise ConfigError(_fix_message(target, f"its argument {key} is not supported"))
                 only = allowed[key]
-                ok = only is None or (value in only if isinstance(only, tuple) else value == only)
-                if not ok and not (key in ("area_for_downscale",) and value is None):
-                    raise ConfigError(_fix_message(target, f"{key}={value!r}; supported: {only!r}"))
+                number = isinstance(value, (int, float)) and not isinstance(value, bool)
+                ok = only is ANY or (only is NUMBER and number) or (isinstance(only, tuple) and value in only)
+                if not ok:
+                    supported = "a number" if only is NUMBER else " or ".join(map(repr, only))
+                    raise ConfigError(_fix_message(target, f"{key}={value!r}; supported: {supported}"))
             p = float(step.get("p", cls.DEFAULT_P.get(name, 1.0)))
             args: dict[str, Any] = {"p": p}
             if name == "RandomScale":
