@@ -6,13 +6,14 @@ Sections (all on this machine; JSON in ``--json``):
   step inside one fit (``ratio`` = task img/s / plain img/s, median of per-step ratios +- half their IQR), and the
   training FLOPs per image at 320 x 320 (``train_gflop_per_img``).
 * ``loader``: the real train pipeline (JPEG decode, report augmentation, 320 crop, collate) on VOC-sized synthetic
-  JPEGs (``data=synthetic_voc``): img/s with the default workers, per worker, and the decoding share.
+  JPEGs (``data=synthetic_voc``): img/s with the default workers, per worker, and the decoding share; the same with
+  ``data.decode_cache``, with ``data.device_augment`` (workers only decode) and with both.
 * ``fit``: ``Trainer.fit`` with the real DataModule on that set; ``data_wait_fraction`` from Lightning's profiler.
 * ``eval``: full-resolution evaluation img/s per ``data.eval_batch_size`` (batches hold one image size).
 * ``scores``: seconds per VOC val epoch (1449 images) of the plain confusion matrix and of what per-image
   matrices, Boundary IoU and ECE add, and the bootstrap interval of one split.
 * ``projection``: per model, the img/s a GPU at 25 % of its bf16 peak would consume at 320 x 320 and the loader
-  workers that takes at the measured per-worker rate.
+  workers that takes at the measured per-worker rate (plain, ``data.decode_cache``, ``data.device_augment``, both).
 * ``compile`` (``--compile-study``, minutes): eager vs ``torch.compile`` per report model.
 """
 
@@ -118,7 +119,11 @@ def _run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
               f"{loader['workers']} workers, {loader['img_s_per_worker']:.1f} img/s per worker; decoding "
               f"{loader['decode_ms_per_image']:.1f} ms/img = {loader['decode_share']:.0%} of a worker's time; with "
               f"data.decode_cache=true {loader['img_s_decode_cache']:.1f} img/s "
-              f"(x{loader['decode_cache_speedup']:.2f} per worker)", flush=True)
+              f"(x{loader['decode_cache_speedup']:.2f} per worker); with data.device_augment=true "
+              f"{loader['img_s_device_augment']:.1f} img/s (x{loader['device_augment_speedup']:.2f} per worker; "
+              f"the augmentation then takes {loader['device_augment_cpu_ms_per_image']:.1f} ms/img on one CPU "
+              f"thread); with both {loader['img_s_decode_cache_device_augment']:.1f} img/s "
+              f"(x{loader['decode_cache_device_augment_speedup']:.2f} per worker)", flush=True)
 
     for name in args.fit_models:
         cfg = model_config(name, args, out / f"fit_{name}", "data=synthetic_voc", "augment=report",
@@ -148,20 +153,25 @@ def _run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
     if "loader" in result and result["models"]:
         peak = args.peak_tflops * 1e12 * 0.25
-        cached_per_worker = loader["img_s_per_worker"] * loader["decode_cache_speedup"]
+        per_worker = {"": loader["img_s_per_worker"]}
+        for key in ("decode_cache", "device_augment", "decode_cache_device_augment"):
+            per_worker[f"_{key}"] = loader["img_s_per_worker"] * loader[f"{key}_speedup"]
         print(f"projection: a GPU at 25% of {args.peak_tflops:.0f} TFLOP/s ({args.peak_name}) at {PROJECTION_SIZE}x"
               f"{PROJECTION_SIZE}, fed at {loader['img_s_per_worker']:.1f} img/s per worker "
-              f"({cached_per_worker:.1f} with data.decode_cache=true):")
+              f"({per_worker['_decode_cache']:.1f} with data.decode_cache=true, "
+              f"{per_worker['_device_augment']:.1f} with data.device_augment=true, "
+              f"{per_worker['_decode_cache_device_augment']:.1f} with both):")
         for name, row in result["models"].items():
             img_s = peak / (row["train_gflop_per_img"] * 1e9)
             here = row["task_train_img_s"] * (args.image_size / PROJECTION_SIZE) ** 2  # FLOP-scaled to 320
             proj = {"train_gflop_per_img": row["train_gflop_per_img"], "gpu_img_s_at_25pct_peak": img_s,
-                    "workers_for_gpu": math.ceil(img_s / loader["img_s_per_worker"]),
-                    "workers_for_gpu_decode_cache": math.ceil(img_s / cached_per_worker),
+                    **{f"workers_for_gpu{key}": math.ceil(img_s / rate) for key, rate in per_worker.items()},
                     "train_img_s_here_est": here, "workers_for_here": math.ceil(here / loader["img_s_per_worker"])}
             result["projection"][name] = proj
             print(f"  {name:<20} {row['train_gflop_per_img']:6.1f} GFLOP/img  {img_s:8.0f} img/s  "
-                  f"{proj['workers_for_gpu']:4d} workers ({proj['workers_for_gpu_decode_cache']} cached)  "
+                  f"{proj['workers_for_gpu']:4d} workers ({proj['workers_for_gpu_decode_cache']} cached, "
+                  f"{proj['workers_for_gpu_device_augment']} device-augmented, "
+                  f"{proj['workers_for_gpu_decode_cache_device_augment']} both)  "
                   f"(this CPU: ~{here:.1f} img/s, {proj['workers_for_here']} worker)", flush=True)
 
     if args.compile_study:

@@ -31,7 +31,10 @@ def test_bench_writes_every_key(tmp_path):
     assert null["lightning_floor_ms"] > null["plain_ms"]  # Lightning's loop costs more than none
     assert null["steps"] == 4 * 2
     assert {"source_size", "img_s", "workers", "img_s_per_worker", "decode_share", "img_s_decode_cache",
-            "decode_cache_speedup"} <= set(loader)
+            "decode_cache_speedup", "img_s_device_augment", "device_augment_speedup",
+            "img_s_decode_cache_device_augment", "decode_cache_device_augment_speedup",
+            "device_augment_cpu_ms_per_image"} <= set(loader)
+    assert loader["img_s_device_augment"] > 0 and loader["device_augment_cpu_ms_per_image"] > 0
     assert loader["img_s"] > 0 and loader["img_s_per_worker"] > 0 and 0 <= loader["decode_share"] <= 1
     # FLOPs are counted, not timed: the README's figures at 320x320 (16.1 and 27.6 GFLOP per training image)
     gflop = {"fcn_baseline": 16.1, "resnet34_transfer": 27.6}
@@ -46,6 +49,9 @@ def test_bench_writes_every_key(tmp_path):
         proj = data["projection"][name]
         assert proj["gpu_img_s_at_25pct_peak"] == pytest.approx(0.25 * 989.4e12 / (row["train_gflop_per_img"] * 1e9))
         assert proj["workers_for_gpu"] == math.ceil(proj["gpu_img_s_at_25pct_peak"] / loader["img_s_per_worker"])
+        assert proj["workers_for_gpu_device_augment"] == math.ceil(
+            proj["gpu_img_s_at_25pct_peak"] / (loader["img_s_per_worker"] * loader["device_augment_speedup"]))
+        assert proj["workers_for_gpu_decode_cache_device_augment"] >= 1
     assert 0 <= data["fit"]["fcn_baseline"]["data_wait_fraction"] <= 1
     assert set(data["eval"]["fcn_baseline"]) == {"1", "2"}
     assert set(data["scores"]) == {"confusion_s_per_epoch", "per_image_confusion_s_per_epoch",
@@ -101,11 +107,13 @@ def test_gpu_check_dry_run_runs_every_section(tmp_path, capsys):
     row = data["models"]["fcn_baseline"]
     assert row["eager_img_s"] > 0 and row["compiled_img_s"] > 0 and row["train_gflop_per_img"] > 0
     assert 0 <= data["fit"]["without_device_augment"]["data_wait_fraction"] <= 1
+    assert 0 <= data["fit"]["with_device_augment"]["data_wait_fraction"] <= 1
     assert data["syncs"]["per_step"] == 0, data["syncs"]
     assert set(data["eval"]["fcn_baseline"]) == {"1", "2"}
     assert data["resume"]["bit_identical"], data["resume"]
     table = capsys.readouterr().out
     assert "| fcn_baseline |" in table and "deterministic resume bit-identical | True" in table
+    assert "| fit data wait with data.device_augment=true | 0." in table
 
 
 def test_bf16_peak_by_card_name():

@@ -318,3 +318,30 @@ def test_decode_cache_gives_the_same_batches_and_follows_file_changes(tmp_path):
     dm = build_datamodule(cfg)
     dm.setup("fit")
     assert len(list((tmp_path / "cache" / "decoded").glob("decoded_*.u8"))) == 2
+
+
+def test_pipeline_steps_draw_independent_parameters(tmp_path):
+    """``VOCPairs`` seeds its pipeline as one stream (``seed_pipeline``): flips, rotations and scales are
+    independent. With a generator per step seeded alike (``Compose.set_random_seed``, before) every step's first
+    draw was the same number: a flip, a rotation and a scale below 1 always came together."""
+    pipeline = build_pipeline(compose(["augment=report", "paths.output_dir=/tmp/unused",
+                                        "data.image_size=48"]).augment.train)
+    pipeline.save_applied_params = True
+    applied = []
+
+    class Recording:
+        def __getattr__(self, name):  # set_random_state / set_random_seed reach the pipeline
+            return getattr(pipeline, name)
+
+        def __call__(self, **data):
+            out = pipeline(**data)
+            applied.append(dict(out["applied_transforms"]))
+            return out
+
+    pairs = VOCPairs(tmp_path, [f"id{k}" for k in range(300)], transform=Recording(), seed=0)
+    pairs.load = lambda index: (np.zeros((60, 80, 3), np.uint8), np.zeros((60, 80), np.uint8))
+    for index in range(300):
+        pairs[(1, index)]
+    flip, rot, small = np.array([("HorizontalFlip" in a, "Rotate" in a, a["RandomScale"]["scale"] < 1)
+                                 for a in applied]).T
+    assert 0.35 < np.mean(flip == rot) < 0.65 and 0.35 < np.mean(flip == small) < 0.65

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import cv2
 import pytorch_lightning as pl
@@ -11,6 +12,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from segvoc.data import synthetic
+from segvoc.data.device_augment import DeviceAugment, augment_batch
 from segvoc.data.fetch import prepare_tree
 from segvoc.data.sampling import EpochShuffleSampler, ResumableLoader, SizeGroupedBatches, epoch_position
 from segvoc.data.transforms import build_pipeline, pad_collate
@@ -23,7 +25,8 @@ class VOCDataModule(pl.LightningDataModule):
     Training samples go through the ``augment.train`` pipeline (fixed-size crops); val/test samples stay at
     full resolution, batched only with images of the same size (never padded), so metrics are computed on
     original masks and do not depend on ``eval_batch_size``. ``decode_cache`` reads training pairs from a one-time
-    decoded copy (``segvoc.data.decoded``).
+    decoded copy (``segvoc.data.decoded``). ``device_augment``: workers only decode; the training augmentation's
+    parameters travel with the batch and the device runs them (``segvoc.data.device_augment``).
     Samplers shard by rank themselves (run with ``use_distributed_sampler=False``): training order depends only on
     (seed, epoch), and evaluation scores every image exactly once, without DistributedSampler's padding.
     """
@@ -47,6 +50,7 @@ class VOCDataModule(pl.LightningDataModule):
         seed: int = 0,
         decode_cache: bool = False,
         cache_dir: str | None = None,
+        device_augment: bool = False,
     ) -> None:
         super().__init__()
         self.root = root
@@ -66,6 +70,8 @@ class VOCDataModule(pl.LightningDataModule):
         self.seed = seed
         self.decode_cache = decode_cache
         self.cache_dir = cache_dir
+        # translated now, so a preset it cannot run is one line before anything starts
+        self.device_augment = DeviceAugment.from_steps(self.augment.get("train")) if device_augment else None
         self.voc: Path | None = None
         self.splits: dict[str, list[str]] = {}
         self.datasets: dict[str, VOCPairs] = {}
@@ -88,13 +94,14 @@ class VOCDataModule(pl.LightningDataModule):
             self.prepare_data()  # idempotent; needed when setup() is called without prepare_data()
         self.voc = resolve_voc_root(self.root)
         self.splits = make_splits(self.voc, self.train_split, self.test_fraction, self.split_seed, self.subset)
-        train_tf = build_pipeline(self.augment.get("train"))
+        train_tf = None if self.device_augment else build_pipeline(self.augment.get("train"))
         eval_tf = build_pipeline(self.augment.get("eval"))
         self.datasets = {
             split: VOCPairs(self.voc, ids, mask_dir_for(self.voc, split, self.train_split),
                             train_tf if split == "train" else eval_tf, seed=self.seed)
             for split, ids in self.splits.items()
         }
+        self.datasets["train"].device_augment = self.device_augment
         if self.decode_cache:
             self.datasets["train"].use_decode_cache(Path(self.cache_dir or self.root) / "decoded")
         if self.split_dir and rank_zero_only.rank == 0:
@@ -138,6 +145,13 @@ class VOCDataModule(pl.LightningDataModule):
     def _train_progress(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
         return epoch_position(trainer) if trainer is not None else (0, 1)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """``data.device_augment``: run each training sample's augmentation plan on the device (torchgeo's
+        pattern); other batches pass through."""
+        if isinstance(batch, dict) and "augment" in batch:
+            batch = augment_batch(batch)
+        return batch
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, shuffle=True)

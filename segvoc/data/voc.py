@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from segvoc.data.io import load_image, load_mask
 from segvoc.data.sampling import mix_seed
+from segvoc.data.transforms import seed_pipeline
 from segvoc.errors import DatasetError
 
 REQUIRED_DIRS = ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation")
@@ -150,6 +151,7 @@ class VOCPairs(Dataset):
         self.seed = seed
         self._sizes: list[tuple[int, int]] | None = None
         self.decoded: Any = None  # DecodedPairs when data.decode_cache is on
+        self.device_augment: Any = None  # DeviceAugment when data.device_augment is on: plans, no transform
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -201,13 +203,17 @@ class VOCPairs(Dataset):
         if isinstance(index, tuple):
             epoch, index = index
         image, mask = self.load(index)
-        if self.transform is not None:
-            if hasattr(self.transform, "set_random_seed"):
-                self.transform.set_random_seed(mix_seed(self.seed, epoch, index) % (2**32))
+        item: dict[str, Any] = {}
+        if self.device_augment is not None:  # parameters only: the device runs them (data.device_augment)
+            item["augment"] = self.device_augment.draw(mix_seed(self.seed, epoch, index) % (2**32), *mask.shape)
+        elif self.transform is not None:
+            if hasattr(self.transform, "set_random_state"):
+                seed_pipeline(self.transform, mix_seed(self.seed, epoch, index) % (2**32))
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
             "mask": torch.from_numpy(np.ascontiguousarray(mask)),
             "id": self.ids[index],
+            **item,
         }

@@ -80,6 +80,7 @@ def build_datamodule(cfg: DictConfig, split_dir: str | Path | None = None) -> VO
         augment=cfg.augment, synthetic_cfg=d.get("synthetic"),
         split_dir=str(split_dir) if split_dir else None, seed=int(cfg.get("seed", 0)),
         decode_cache=bool(d.get("decode_cache", False)), cache_dir=str(cfg.paths.cache_dir),
+        device_augment=bool(d.get("device_augment", False)),
     )
 
 

@@ -19,7 +19,7 @@ from segvoc.data.palette import VOC_CLASSES
 from segvoc.data.sampling import epoch_position, mix_seed
 from segvoc.data.transforms import Normalize
 from segvoc.engine.feature_cache import FeatureCache
-from segvoc.errors import NonFiniteLossError
+from segvoc.errors import ConfigError, NonFiniteLossError
 from segvoc.evaluation.boundary import BoundaryIoU, boundary_scores_from_counts
 from segvoc.evaluation.calibration import Calibration, calibration_scores
 from segvoc.evaluation.inference import InferenceConfig, infer
@@ -111,6 +111,9 @@ class SegmentationTask(pl.LightningModule):
         seed_generators(mix_seed(self.seed, self.current_epoch, index, self.global_rank))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if "augment" in batch:  # data.device_augment's plans run in VOCDataModule.on_after_batch_transfer
+            raise ConfigError("data.device_augment=true: the batches were not augmented; pass the datamodule to "
+                              "Trainer.fit (datamodule=...) rather than its loaders")
         if self.feature_cache is not None:
             logits = self.feature_cache.logits(self.normalize(batch["image"]), batch["id"], batch.get("size"))
         else:

@@ -8,7 +8,8 @@ Counted: ``Tensor.item``, ``.tolist``, ``.numpy``, ``.cpu``, ``bool()``, ``float
 of a tensor; ``torch.tensor`` / ``torch.as_tensor`` given a ``device`` (a blocking copy from pageable host memory on
 CUDA); boolean-mask indexing and assignment, ``torch.unique``, ``nonzero`` and ``masked_select`` (data-dependent
 shapes). Calls made by the data pipeline (``torch.utils.data``, ``segvoc/data``) and by ``torch.optim`` (its step
-counters are CPU tensors) are host-side on a GPU too and are not counted. Kernels that sync inside C++ (CUDA
+counters are CPU tensors) are host-side on a GPU too and are not counted, except ``data.device_augment``'s
+``augment_batch``, which runs on the device. Kernels that sync inside C++ (CUDA
 ``bincount``, which reads its input's maximum back) are invisible here; ``torch.cuda.set_sync_debug_mode`` sees
 those on a GPU.
 """
@@ -26,6 +27,8 @@ from torch.overrides import TorchFunctionMode
 # host-side on a GPU run too: anything the loader calls, and torch.optim's own reads of its step counters (CPU
 # tensors unless capturable/fused; only the direct caller: the training step itself runs inside optimizer.step)
 HOST_SIDE = ("torch/utils/data/", "segvoc/data/")
+# ...except what runs on the device after the transfer (data.device_augment): counted
+DEVICE_SIDE = ("segvoc/data/device_augment.py:augment_batch",)
 HOST_SIDE_CALLERS = ("torch/optim/",)
 _TENSOR_METHODS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "unique",
                    "nonzero", "masked_select")
@@ -79,11 +82,13 @@ class SyncCounter:
             site = f"{frame.f_code.co_filename}:{frame.f_lineno}"
             if any(h in site.replace("\\", "/") for h in self.host_side_callers):
                 return
-            f = frame
+            stack, f = [], frame
             while f is not None:
-                if any(h in f.f_code.co_filename.replace("\\", "/") for h in self.host_side):
-                    return
+                stack.append(f"{f.f_code.co_filename}:{f.f_code.co_name}".replace("\\", "/"))
                 f = f.f_back
+            on_device = any(d in where for where in stack for d in DEVICE_SIDE)
+            if not on_device and any(h in where for where in stack for h in self.host_side):
+                return
             self.counts[(self.active, name, site)] += 1
         finally:
             self._inside = False

@@ -5,11 +5,12 @@ Every function returns plain numbers; ``segvoc.bench`` decides what to run, prin
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import statistics
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
+from segvoc.data.device_augment import DeviceAugment, augment_batch
 from segvoc.data.palette import VOC_CLASSES
 from segvoc.data.transforms import Normalize
 from segvoc.engine.builders import build_datamodule, build_loss, build_model, build_task, build_trainer
@@ -235,7 +237,22 @@ def voc_sized_config(out: Path, batch_size: int, workers: int | None, device: to
     return compose(ov)
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Torch on one thread, as in a DataLoader worker: the one-process loader rates are then per-worker rates (with
+    more threads, the collate's tensor copies spin OpenMP threads that, on a busy machine, cost more than they do)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _images_per_second(loader: DataLoader, batches: int) -> float:
+    if loader.num_workers == 0 and torch.get_num_threads() > 1:
+        with _one_thread():
+            return _images_per_second(loader, batches)
     it = iter(loader)
     next(it)  # worker start-up and the first fetch are not throughput
     t0, n = time.perf_counter(), 0
@@ -282,7 +299,34 @@ def loader(cfg: DictConfig, batches: int) -> dict[str, Any]:
     result["decode_cache_speedup"] = result["img_s_decode_cache_one_process"] / result["img_s_one_process"]
     cached.num_workers = dm.num_workers
     result["img_s_decode_cache"] = _images_per_second(cached.train_dataloader(), batches)
+    # data.device_augment: the workers only decode (or read the cache) and draw the parameters; the device augments
+    for key, source in (("device_augment", single), ("decode_cache_device_augment", cached)):
+        dev = _with_device_augment(source, cfg)
+        dev.num_workers = 0
+        result[f"img_s_{key}_one_process"] = _images_per_second(dev.train_dataloader(), max(2, batches // 3))
+        result[f"{key}_speedup"] = result[f"img_s_{key}_one_process"] / result["img_s_one_process"]
+        dev.num_workers = dm.num_workers
+        result[f"img_s_{key}"] = _images_per_second(dev.train_dataloader(), batches)
+    # what the device then does, timed here on one CPU thread (a GPU does it far faster): ms per image
+    it = iter(_with_device_augment(single, cfg).train_dataloader())
+    batches_ = [next(it) for _ in range(3)]
+    with _one_thread():
+        t0 = time.perf_counter()
+        for batch in batches_:
+            augment_batch(batch)
+        result["device_augment_cpu_ms_per_image"] = 1000 * (time.perf_counter() - t0) / sum(
+            len(b["id"]) for b in batches_)
     return result
+
+
+def _with_device_augment(dm: Any, cfg: DictConfig) -> Any:
+    """A shallow copy of ``dm`` whose train split hands over decoded pairs and plans (``data.device_augment``)."""
+    dev = copy.copy(dm)
+    dev.datasets = dict(dm.datasets)
+    dev.datasets["train"] = copy.copy(dm.datasets["train"])
+    dev.datasets["train"].transform = None
+    dev.datasets["train"].device_augment = DeviceAugment.from_steps(cfg.augment.get("train"))
+    return dev
 
 
 def fit_data_wait(cfg: DictConfig, steps: int) -> dict[str, float]:
