@@ -87,7 +87,7 @@ def test_interleaved_probe_times_task_and_plain_steps_separately(tmp_path):
 
     def slow_plain(self):
         original(self)
-        time.sleep(0.05)
+        time.sleep(0.25)  # far above a task step even on a loaded 2-core machine (about 30 ms seen there)
 
     tp.PlainStep.__call__ = slow_plain
     try:
