@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,29 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("data") / "synthetic"
     generate(root, num_train=24, num_val=16, height=60, width=80, seed=0)
     return root
+
+
+@pytest.fixture(autouse=True)
+def _close_mlflow_stores():
+    """MLflow keeps one SQLAlchemy engine per database URI for the process (``SqlAlchemyStore._engine_map``) and
+    its SQLite files open. A passed test's folder is deleted (``tmp_path_retention_policy``); a later test's new
+    database can then get the deleted file's inode, which SQLite, still holding the old file, refuses ("attempt to
+    write a readonly database"). Close and forget the engines after each test that opened one."""
+    yield
+    maps = [getattr(getattr(sys.modules.get(f"mlflow.store.{kind}.sqlalchemy_store"), "SqlAlchemyStore", None),
+                    "_engine_map", None) for kind in ("tracking", "model_registry")]
+    maps = [m for m in maps if m]
+    if not maps:
+        return
+    for engines in maps:
+        for engine in engines.values():
+            engine.dispose()
+        engines.clear()
+    for name, attr in (("mlflow.tracking._tracking_service.utils", "_tracking_store_registry"),
+                       ("mlflow.tracking._model_registry.utils", "_model_registry_store_registry")):
+        registry = getattr(sys.modules.get(name), attr, None)
+        if registry is not None:
+            registry._get_store_with_resolved_uri.cache_clear()
 
 
 def make_cfg(tmp_path: Path, *overrides: str, data_root: Path | None = None) -> DictConfig:
