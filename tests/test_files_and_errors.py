@@ -182,6 +182,25 @@ def test_export_temporary_names_are_unique(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]  # no temporary file left behind
 
 
+def test_sweep_summary_counts_a_launch_caught_half_way_as_running(tmp_path):
+    """Two processes sharing a sweep folder (an Optuna journal study on two nodes): when one finishes, the other
+    may be writing a job's ``.hydra/`` files (config.yaml, hydra.yaml, then overrides.yaml). That job is running,
+    not failed; the summary counted it failed and the finished process exited 1 (seen in a full test run)."""
+    from segvoc.runs.sweep import summarize
+
+    sweep = tmp_path / "sweep"
+    for job, files in (("0_a", ["config.yaml"]), ("1_a", ["config.yaml", "hydra.yaml"]),
+                       ("2_a", ["config.yaml", "hydra.yaml", "overrides.yaml"])):
+        (sweep / job / ".hydra").mkdir(parents=True)
+        for name in files:
+            OmegaConf.save(OmegaConf.create({"hydra": {"job": {"env_set": {}}}} if name == "hydra.yaml" else []),
+                           sweep / job / ".hydra" / name)
+    (sweep / "1_a" / ".hydra" / "hydra.yaml").write_text("hydra:\n  job: {env_set: {SEGVOC_")  # half-written
+    summary = summarize(sweep)
+    assert summary["running"] == ["0_a", "1_a"]
+    assert summary["failed"] == {"2_a": "no metrics.json (killed or still running?)"}  # launched, never finished
+
+
 def test_failed_sweep_job_counts_as_finished_once_it_runs_again(smoke_cfg, tmp_path):
     """A job that failed after writing last.ckpt (FAILED.json beside it) and is rerun (resume=auto) is no
     longer listed as failed."""

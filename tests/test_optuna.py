@@ -128,8 +128,8 @@ def test_journal_storage_shared_by_two_processes_at_once(tmp_path, synthetic_roo
     procs = [subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     results = [p.communicate(timeout=1200) for p in procs]
-    for p, (_, err) in zip(procs, results, strict=True):
-        assert p.returncode == 0, err[-3000:]
+    for p, (out, err) in zip(procs, results, strict=True):
+        assert p.returncode == 0, out[-2000:] + err[-3000:]
     study = _study(storage)
     assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)

@@ -49,10 +49,15 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
 def _running_elsewhere(job: Path) -> bool:
     """Whether ``job`` is an Optuna trial that another live sweeper process is running (several processes sharing
     one study, e.g. a journal file): not a failure of this sweep."""
-    hydra_file = job / ".hydra" / "hydra.yaml"
-    if not hydra_file.is_file():
+    hydra_dir = job / ".hydra"
+    if not (hydra_dir / "overrides.yaml").is_file():
+        # Hydra writes config.yaml, hydra.yaml, then overrides.yaml, all before the job starts: a launch caught
+        # half-way is one another process is starting (this process's own jobs have all returned)
+        return True
+    try:
+        env = OmegaConf.load(hydra_dir / "hydra.yaml").hydra.job.get("env_set") or {}
+    except Exception:  # noqa: BLE001 - unreadable: not one of this sweeper's trials
         return False
-    env = OmegaConf.load(hydra_file).hydra.job.get("env_set") or {}
     if "SEGVOC_OPTUNA_TRIAL" not in env:
         return False
     import optuna
