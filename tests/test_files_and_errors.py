@@ -201,6 +201,7 @@ def test_sweep_summary_counts_a_launch_caught_half_way_as_running(tmp_path):
     assert summary["failed"] == {"2_a": "no metrics.json (killed or still running?)"}  # launched, never finished
 
 
+@pytest.mark.slow
 def test_failed_sweep_job_counts_as_finished_once_it_runs_again(smoke_cfg, tmp_path):
     """A job that failed after writing last.ckpt (FAILED.json beside it) and is rerun (resume=auto) is no
     longer listed as failed."""

@@ -317,6 +317,7 @@ def test_reference_models_train_the_aux_head_at_ten_times_the_lr(smoke_cfg):
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(task.model.parameters()))
 
 
+@pytest.mark.slow
 def test_smp_pretrained_encoder_offline_is_one_line(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # fail at once instead of retrying the unreachable hub
     monkeypatch.setenv("HF_HOME", str(tmp_path))

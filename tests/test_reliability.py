@@ -249,6 +249,7 @@ def test_unwritable_output_path_fails_before_training(smoke_cfg, tmp_path):
 
 
 
+@pytest.mark.slow
 def test_lightning_save_last_alone_does_not_write_every_epoch(smoke_cfg, tmp_path):
     """Why callbacks/default.yaml has a second checkpoint callback for last.ckpt: in the pinned Lightning,
     ``ModelCheckpoint(monitor=val/miou, save_last=True)`` writes last.ckpt only when the monitored top-k improves
@@ -266,6 +267,7 @@ def test_lightning_save_last_alone_does_not_write_every_epoch(smoke_cfg, tmp_pat
     assert torch.load(tmp_path / "ours" / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_resume_auto_starts_skips_resumes_and_refuses_another_runs_dir(smoke_cfg, tmp_path, capsys):
     from omegaconf import open_dict
 

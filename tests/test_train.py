@@ -36,7 +36,9 @@ def test_all_six_report_presets_exist():
     assert PRESETS == ["4a_baseline", "4b_improved", "4c_weighted", "5a_dilated", "5b_transfer", "5c_unet"]
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+# the heavier presets (dilated FCN, ResNet34, U-Net) are end-to-end runs of make test only; 4a-4c stay in test-fast
+@pytest.mark.parametrize("preset", [pytest.param(p, marks=pytest.mark.slow) if p.startswith("5") else p
+                                    for p in PRESETS])
 def test_preset_smoke_fit_and_test(preset, smoke_cfg, resnet_weights, tmp_path):
     extra = [f"model.weights={resnet_weights}"] if preset == "5b_transfer" else []
     cfg = smoke_cfg(f"experiment={preset}", "trainer.max_epochs=1", "data.subset=4", *extra)
@@ -71,6 +73,7 @@ def assert_tensorboard_contents(tb: Path) -> None:
     assert hparams
 
 
+@pytest.mark.slow
 def test_seeded_runs_are_reproducible(smoke_cfg, tmp_path):
     a = train(smoke_cfg("paths.output_dir=" + str(tmp_path / "a"), "trainer.max_epochs=1"))
     b = train(smoke_cfg("paths.output_dir=" + str(tmp_path / "b"), "trainer.max_epochs=1"))
