@@ -73,12 +73,12 @@ class SyncCounter:
     def total(self, phase: str = "train") -> int:
         return sum(n for (p, _, _), n in self.counts.items() if p == phase)
 
-    def _record(self, name: str, depth: int = 2) -> None:
+    def _record(self, name: str) -> None:
         if not self.active or self._inside:
             return
         self._inside = True
         try:
-            frame = sys._getframe(depth)
+            frame = sys._getframe(2)
             site = f"{frame.f_code.co_filename}:{frame.f_lineno}"
             if any(h in site.replace("\\", "/") for h in self.host_side_callers):
                 return
