@@ -9,9 +9,10 @@ image's top confused class pair (the largest off-diagonal entry of its confusion
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -90,10 +91,10 @@ def gallery_run(groups: Sequence[SeedGroup], split: str = "test") -> tuple[SeedG
     return None if best is None else (best[1], best[2])
 
 
-def rerun_images(run: Path, image_ids: Sequence[str], split: str = "test", device: str = "cpu"
-                 ) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
-    """(id, image, truth, prediction) of the given ids of ``split``, predicted by the run's best checkpoint at each
-    image's own size; ids missing from the split (data changed since) are skipped."""
+def checkpoint_predictor(run: Path, split: str, device: str = "cpu"
+                         ) -> tuple[Any, Callable[[np.ndarray], np.ndarray], Any]:
+    """The run's ``split`` dataset (from its own data config), a function predicting one of its images at full size
+    with the run's best checkpoint (``predict_mask``, as evaluation does), and the run's config."""
     import torch
 
     from segvoc.engine.builders import build_datamodule, load_task
@@ -103,17 +104,28 @@ def rerun_images(run: Path, image_ids: Sequence[str], split: str = "test", devic
     task.to(device)
     dm = build_datamodule(cfg)
     dm.prepare_data()
-    dm.setup("test")
-    ds = dm.datasets[split]
+    dm.setup("test" if split == "test" else "validate")
+
+    def predict(image: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return predict_mask(task.predict_log_probs, image, device)
+
+    return dm.datasets[split], predict, cfg
+
+
+def rerun_images(run: Path, image_ids: Sequence[str], split: str = "test", device: str = "cpu"
+                 ) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """(id, image, truth, prediction) of the given ids of ``split``, predicted by the run's best checkpoint at each
+    image's own size; ids missing from the split (data changed since) are skipped."""
+    ds, predict, _ = checkpoint_predictor(run, split, device)
     position = {i: k for k, i in enumerate(ds.ids)}
     out = []
-    with torch.no_grad():
-        for i in image_ids:
-            if i not in position:
-                log.warning("failure gallery: %s is not in the %s split of %s's data; skipped", i, split, run)
-                continue
-            image, truth = ds.load(position[i])
-            out.append((i, image, truth, predict_mask(task.predict_log_probs, image, device)))
+    for i in image_ids:
+        if i not in position:
+            log.warning("failure gallery: %s is not in the %s split of %s's data; skipped", i, split, run)
+            continue
+        image, truth = ds.load(position[i])
+        out.append((i, image, truth, predict(image)))
     return out
 
 

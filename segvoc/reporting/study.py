@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from segvoc.data.palette import VOC_CLASSES
 from segvoc.errors import ConfigError
 from segvoc.reporting.comparison import compare, comparison_csv, comparison_markdown
-from segvoc.reporting.gallery import GALLERY_PNG, failure_gallery
+from segvoc.reporting.gallery import GALLERY_PNG, checkpoint_predictor, failure_gallery
 from segvoc.runs.seed_groups import METRICS, SPLITS, SeedGroup, group_by_seed, mean_std, summary_rows
 from segvoc.tables import fmt, markdown_table
 from segvoc.utils import atomic_write_text
@@ -163,26 +163,15 @@ def confusion_png(run: Run, split: str, path: Path) -> bool:
 def predictions_png(run: Run, num_images: int, path: Path, device: str = "cpu", title: str | None = None) -> bool:
     """Image | truth | prediction | overlay for the first validation images (report Figures 3, 5), with column
     titles, a legend of the classes shown and the run's label (``title``: its group and seed) as title."""
-    import torch
-
-    from segvoc.engine.builders import build_datamodule, load_task
     from segvoc.evaluation.figures import prediction_figure
-    from segvoc.evaluation.inference import predict_mask
 
-    ckpt = run.path / "checkpoints" / "best.ckpt"
-    if not ckpt.is_file() or num_images <= 0:
+    if not (run.path / "checkpoints" / "best.ckpt").is_file() or num_images <= 0:
         return False
-    task, cfg = load_task(ckpt)
-    task.to(device)
-    dm = build_datamodule(cfg)
-    dm.prepare_data()
-    dm.setup("validate")
-    ds = dm.datasets["val"]
+    ds, predict, cfg = checkpoint_predictor(run.path, "val", device)
     rows = []
-    with torch.no_grad():
-        for k in range(min(num_images, len(ds))):
-            image, truth = ds.load(k)
-            rows.append((image, truth, predict_mask(task.predict_log_probs, image, device)))
+    for k in range(min(num_images, len(ds))):
+        image, truth = ds.load(k)
+        rows.append((image, truth, predict(image)))
     label = f"{title or run.experiment} ({run.label}): validation images"
     prediction_figure(rows, label, class_names=VOC_CLASSES[: int(cfg.data.num_classes)]).savefig(path, dpi=100)
     return True
