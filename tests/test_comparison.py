@@ -128,14 +128,17 @@ def trained_sweep(tmp_path_factory, synthetic_root) -> Path:
 
 @pytest.mark.slow
 def test_paired_bootstrap_on_real_runs(trained_sweep, tmp_path):
-    """A run stopped after 1 step is worse than the trained one (interval excluding 0); log_images, which changes
-    only the TensorBoard grid, is not distinguishable."""
+    """A run stopped after 1 step is worse than the trained one in pixel accuracy (interval excluding 0); log_images,
+    which changes only the TensorBoard grid, is not distinguishable in any metric.
+
+    The one-step run's mIoU is not asserted: on the two test images it was worse on the CPU this test was written
+    on, but on an AVX2-only CPU, whose rounding sends training elsewhere, the trained run scored 0.1248 and the
+    one-step run 0.1242, and the interval held 0."""
     result = build_report(str(trained_sweep), tmp_path, published={}, num_images=0, stats=STATS)["comparison"]
     rows = {(r["group"], r["metric"]): r for r in result.rows}
     assert {r["baseline"] for r in result.rows} == {"0_trained"}
-    worse = rows[("2_one_step", "miou")]
-    assert worse["verdict"] == "worse" and worse["ci_hi"] < 0, worse
-    assert rows[("2_one_step", "pixel_acc")]["verdict"] == "worse"
+    worse = rows[("2_one_step", "pixel_acc")]
+    assert worse["verdict"] == "worse" and worse["ci_hi"] < 0 and worse["p_holm"] <= STATS["alpha"], worse
     for metric in ("miou", "pixel_acc", "boundary_miou", "ece"):
         same = rows[("1_log_images", metric)]
         assert same["verdict"] == "not distinguishable" and same["delta"] == 0, same
