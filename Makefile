@@ -22,11 +22,15 @@ demo: install  ## offline end-to-end: synthetic data -> train 4a baseline -> eva
 train: install  ## make train EXP="experiment=5b_transfer trainer=gpu"
 	$(PY) -m segvoc.train $(EXP)
 
+# one pytest process per core (pytest-xdist); --dist loadfile keeps each file in one process, so a module's shared
+# runs (tests/test_reliability.py's reference runs, tests/test_export.py's trained run) are trained once
+PYTEST := $(PY) -m pytest -q -n auto --dist loadfile
+
 test: install  ## the whole test suite (CPU; see README for the measured time)
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast: install  ## the inner loop: everything but the end-to-end subprocess runs marked slow
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check segvoc tests hydra_plugins

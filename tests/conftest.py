@@ -15,7 +15,13 @@ from segvoc.config import REPO_ROOT, compose
 SHARED = REPO_ROOT.parent / "shared"
 VOC_MINI = SHARED / "data" / "voc-mini" / "VOCdevkit" / "VOC2012"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# ``make test`` runs the files in parallel (pytest-xdist, one process per core): each process, and the runs its tests
+# start in subprocesses (OMP_NUM_THREADS is inherited), then gets its share of the cores instead of all of them
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+torch.set_num_threads(_THREADS)
 
 
 @pytest.fixture(scope="session")
