@@ -131,9 +131,9 @@ def test_paired_bootstrap_on_real_runs(trained_sweep, tmp_path):
     """A run stopped after 1 step is worse than the trained one in pixel accuracy (interval excluding 0); log_images,
     which changes only the TensorBoard grid, is not distinguishable in any metric.
 
-    The one-step run's mIoU is not asserted: on the two test images it was worse on the CPU this test was written
-    on, but on an AVX2-only CPU, whose rounding sends training elsewhere, the trained run scored 0.1248 and the
-    one-step run 0.1242, and the interval held 0."""
+    The one-step run's mIoU is not asserted: on the four test images (two of them trained on) it was worse on the
+    CPU this test was written on, but on an AVX2-only CPU, whose rounding sends training elsewhere, the trained run
+    scored 0.1248 and the one-step run 0.1242, and the interval held 0."""
     result = build_report(str(trained_sweep), tmp_path, published={}, num_images=0, stats=STATS)["comparison"]
     rows = {(r["group"], r["metric"]): r for r in result.rows}
     assert {r["baseline"] for r in result.rows} == {"0_trained"}
