@@ -257,8 +257,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile-study", action="store_true", help="also time torch.compile per report model (slow)")
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
                    help="which sections to run (projection needs models and loader)")
-    p.add_argument("--null-steps", type=int, default=20,
-                   help="timed steps per fit in the null overhead section (4 rounds of floor and segvoc fits)")
+    p.add_argument("--null-steps", type=int, default=100,
+                   help="timed steps per fit in the null overhead section (4 rounds of floor and segvoc fits; with "
+                        "20, segvoc - floor moved by 0.4 ms from run to run on a 2-core machine, with 100 by 0.06)")
     p.add_argument("--json", default="outputs/bench.json")
     p.add_argument("--gpu-check", action="store_true",
                    help="the one-shot GPU check (make gpu-check): report models at 320x320 bf16 batch 16, eager and "

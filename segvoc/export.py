@@ -40,7 +40,8 @@ def export_section(path: Path, fmt: str, returns: str, opset: int, parity: Parit
             f"- format {fmt}" + (f" (opset {opset})" if fmt == "onnx" else "") + f", output `{returns}`\n"
             "- input `images`: uint8 RGB (N, 3, H, W), any N, H, W; normalisation and padding inside\n"
             f"- parity with PyTorch on random images {sizes} (batch 2): max abs logit difference "
-            f"{parity.max_abs_diff:.3g}, argmax agreement {parity.argmax_agreement:.6f}\n")
+            f"{parity.max_abs_diff:.3g}, argmax agreement {parity.argmax_agreement:.6f} (pixels whose top two logits "
+            f"tie within the tolerance left out: {parity.tied_fraction:.2g})\n")
 
 
 def parity_tolerance(cfg: DictConfig, model: str | None) -> dict[str, float]:

@@ -153,6 +153,27 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(smoke_cfg, tmp_
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
 
 
+def test_nonfinite_tracker_checks_itself_when_more_steps_than_its_buffer_pass_without_a_check(tmp_path, monkeypatch):
+    """The tracker holds ``log_every_n_steps`` losses on the device. An epoch boundary can put more steps than that
+    between two checks (the check runs every n batches of an epoch): a full buffer is checked before it is reused,
+    so the first NaN step is still the one named, not a later one."""
+    from segvoc.config import compose
+    from segvoc.engine.builders import build_task
+    from segvoc.engine.task import SegmentationTask
+    from segvoc.errors import NonFiniteLossError
+
+    task = build_task(compose(["model=null_conv", f"paths.output_dir={tmp_path}"]), pretrained=False)
+    monkeypatch.setattr(SegmentationTask, "global_step", property(lambda self: self.fake_step))
+    task._recent_losses, task._recent_steps = torch.zeros(3), []  # as on_train_start sizes it for n=3
+    nan = float("nan")
+    for step, loss in enumerate([1.0, nan, nan]):
+        task.fake_step = step
+        task._remember_loss(torch.tensor(loss))
+    task.fake_step = 3
+    with pytest.raises(NonFiniteLossError, match=r"NaN/inf at step 1;"):
+        task._remember_loss(torch.tensor(nan))
+
+
 @pytest.mark.slow
 def test_resume_applies_where_to_run_and_refuses_what_to_train(tmp_path, synthetic_root):
     """``resume=<run> trainer=... trainer.max_epochs=...`` continue the run with them; ``model=`` or a key that

@@ -152,8 +152,8 @@ class PreemptionCheckpoint(Callback):
         self.interrupted = True
         path = self.dirpath / "last.ckpt"
         done, total = epoch_position(trainer)
-        bad = getattr(pl_module, "_first_bad_step", None)
-        step = int(bad) if isinstance(bad, torch.Tensor) else -1
+        first_nonfinite = getattr(pl_module, "first_nonfinite_step", None)
+        step = first_nonfinite() if callable(first_nonfinite) else -1
         nonfinite = trainer.strategy.reduce_boolean_decision(step >= 0, all=False)  # the same answer on every rank
         if nonfinite:
             self.nonfinite_step = step

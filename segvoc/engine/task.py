@@ -75,7 +75,11 @@ class SegmentationTask(pl.LightningModule):
         self.log_images = log_images
         self.infer_cfg = inference or InferenceConfig.defaults()
         self.seed = seed
-        self.register_buffer("_first_bad_step", torch.tensor(-1), persistent=False)
+        # the losses since the last finiteness check, on the device (one copy per step, no host sync), and their
+        # global steps on the host; sized at the start of fit (trainer.log_every_n_steps). Not a buffer: DDP would
+        # broadcast rank 0's over the others' at every forward
+        self._recent_losses = torch.zeros(1)
+        self._recent_steps: list[int] = []
         self.normalize = Normalize(mean, std, channels_last=channels_last)
         self.confusion = nn.ModuleDict({s: ConfusionMatrix(num_classes) for s in EVAL_SPLITS})
         # nan_strategy="disable": the NaN check is a host sync per batch; a NaN loss shows as a NaN mean instead
@@ -122,13 +126,19 @@ class SegmentationTask(pl.LightningModule):
         # not prog_bar: Lightning would turn it into a float (a host sync) at every step; the progress bar
         # (engine.progress) shows it at logging steps only
         self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(batch["image"]))
-        # remember the first non-finite step on the device (no per-step host sync); checked before validation.
-        # full_like fills on the device: as_tensor(python int, device=cuda) would be a blocking host copy
-        bad = ~torch.isfinite(loss.detach())
-        self._first_bad_step = torch.where(bad & (self._first_bad_step < 0),
-                                           torch.full_like(self._first_bad_step, self.global_step),
-                                           self._first_bad_step)
+        self._remember_loss(loss)
         return loss
+
+    def on_train_start(self) -> None:
+        self._recent_losses = torch.zeros(max(1, self.trainer.log_every_n_steps), device=self.device)
+        self._recent_steps = []
+
+    def _remember_loss(self, loss: torch.Tensor) -> None:
+        """Keep the loss on the device for the next ``check_finite``: one copy (one kernel), no host sync."""
+        if len(self._recent_steps) == len(self._recent_losses):  # no check since the buffer filled (rare): check now
+            self.check_finite()
+        self._recent_losses[len(self._recent_steps)].copy_(loss.detach())
+        self._recent_steps.append(self.global_step)
 
     def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
         if (batch_idx + 1) % max(1, self.trainer.log_every_n_steps) == 0:
@@ -138,9 +148,18 @@ class SegmentationTask(pl.LightningModule):
         if self.trainer.state.fn == "fit":
             self.check_finite()
 
+    def first_nonfinite_step(self) -> int:
+        """The global step of the first NaN/inf loss since the last check, or -1 (one host sync)."""
+        count = len(self._recent_steps)
+        if count == 0:
+            return -1
+        bad = (~torch.isfinite(self._recent_losses[:count])).nonzero().flatten().tolist()
+        return self._recent_steps[bad[0]] if bad else -1
+
     def check_finite(self) -> None:
-        """Stop with ``NonFiniteLossError`` (naming the step) if any loss so far was NaN/inf."""
-        step = int(self._first_bad_step)
+        """Stop with ``NonFiniteLossError`` (naming the step) if a loss since the last check was NaN/inf."""
+        step = self.first_nonfinite_step()
+        self._recent_steps = []
         if step >= 0:
             raise NonFiniteLossError(
                 f"loss became NaN/inf at step {step}; stopped before saving: the last good checkpoint is "
