@@ -99,9 +99,16 @@ def test_interleaved_probe_times_task_and_plain_steps_separately(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_check_dry_run_runs_every_section(tmp_path, capsys):
-    """``--gpu-check --dry-run``: every section of the GPU check on the CPU at tiny sizes, the JSON and the table."""
+    """``--gpu-check --dry-run``: every section of the GPU check on the CPU at tiny sizes, the JSON and the table; the
+    deterministic resume check leaves the process's flags as it found them (Lightning turns determinism on)."""
     out = tmp_path / "gpu_check.json"
-    main(["--gpu-check", "--dry-run", "--models", "fcn_baseline", "--gpu-check-json", str(out)])
+    det = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        main(["--gpu-check", "--dry-run", "--models", "fcn_baseline", "--gpu-check-json", str(out)])
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(det)
     data = json.loads(out.read_text())
     assert data["dry_run"] and data["card"].startswith("cpu")
     row = data["models"]["fcn_baseline"]

@@ -12,7 +12,10 @@ from segvoc.engine.perf import CudnnBenchmark
 
 @pytest.fixture()
 def restore_flags():
+    """Start from PyTorch's defaults (another test in this process may have turned determinism on), and put the
+    flags back afterwards."""
     bench, det = torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)
     yield
     torch.backends.cudnn.benchmark = bench
     torch.use_deterministic_algorithms(det)

@@ -108,9 +108,16 @@ def resume_check(cfg: DictConfig, out: Path) -> dict[str, Any]:
         build_trainer(c).fit(task, datamodule=build_datamodule(c), ckpt_path=ckpt)
         return {k: v.detach().cpu().clone() for k, v in task.model.state_dict().items()}
 
-    straight = fit("straight", 2)
-    fit("first", 1)
-    resumed = fit("first", 2, str(out / "first" / "checkpoints" / "last.ckpt"))
+    # Trainer(deterministic=True) sets process-wide flags; put them back for whatever runs next in this process
+    det, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    benchmark = torch.backends.cudnn.benchmark
+    try:
+        straight = fit("straight", 2)
+        fit("first", 1)
+        resumed = fit("first", 2, str(out / "first" / "checkpoints" / "last.ckpt"))
+    finally:
+        torch.use_deterministic_algorithms(det, warn_only=warn_only)
+        torch.backends.cudnn.benchmark = benchmark
     diff = max(float((straight[k].double() - resumed[k].double()).abs().max()) for k in straight)
     return {"bit_identical": all(torch.equal(straight[k], resumed[k]) for k in straight), "max_abs_diff": diff}
 
