@@ -43,7 +43,8 @@ def predict(cfg: DictConfig) -> dict[str, list[str]]:
     inputs = list_inputs(Path(cfg.input).expanduser())
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    task, _ = load_any_task(cfg.ckpt, InferenceConfig(**OmegaConf.to_container(cfg.infer, resolve=True)))
+    task, _ = load_any_task(cfg.ckpt, InferenceConfig(**OmegaConf.to_container(cfg.infer, resolve=True)),
+                            cfg.get("trusted_targets") or ())
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     task.to(device)
     done, failed = [], []

@@ -13,17 +13,20 @@ from segvoc.config import REPO_ROOT
 
 ENTRY_POINTS = {"segvoc.train", "segvoc.evaluate", "segvoc.predict", "segvoc.export", "segvoc.report", "segvoc.bench",
                 "segvoc.demo", "segvoc.data.check", "segvoc.data.prepare"}
-BASE = {"segvoc", "segvoc.config", "segvoc.app", "segvoc.errors", "segvoc.utils", "segvoc.tables"}
-# what each folder may import besides itself (README, "Module map"); the base modules import only each other
+BASE = {"segvoc", "segvoc.config", "segvoc.errors", "segvoc.utils", "segvoc.tables"}
+# what each folder may import besides itself (docs, "Module map"); the base modules import only each other;
+# segvoc.app (the failure policy and the preflight check around every command) serves the entry points only
 MAY_IMPORT = {
-    "data": {"base"},
+    "safety": {"base"},
+    "data": {"safety", "base"},
     "models": {"segvoc.errors", "segvoc.utils"},
     "losses": {"data", "base"},
     "evaluation": {"data", "base"},
-    "engine": {"models", "losses", "evaluation", "data", "base"},
-    "runs": {"engine", "models", "losses", "evaluation", "data", "base"},
-    "deploy": {"engine", "models", "losses", "evaluation", "data", "base"},
-    "reporting": {"runs", "engine", "models", "losses", "evaluation", "data", "base"},
+    "engine": {"models", "losses", "evaluation", "data", "safety", "base"},
+    "runs": {"deploy", "engine", "models", "losses", "evaluation", "data", "safety", "base"},
+    "deploy": {"engine", "models", "losses", "evaluation", "data", "safety", "base"},
+    "reporting": {"runs", "engine", "models", "losses", "evaluation", "data", "safety", "base"},
+    "app": {"runs", "engine", "models", "losses", "evaluation", "data", "safety", "deploy", "reporting", "base"},
     "base": {"base"},
 }
 
@@ -55,6 +58,8 @@ def _room(module: str) -> str:
     """The folder a module lives in (``base`` for the top-level helpers, ``entry`` for entry points)."""
     if module in ENTRY_POINTS:
         return "entry"
+    if module == "segvoc.app":
+        return "app"
     if module in BASE:
         return "base"
     parts = module.split(".")
@@ -83,7 +88,10 @@ def test_the_rule_catches_an_upward_import(tmp_path):
     assert not _allowed("segvoc.engine.task", "segvoc.runs.directory")
     assert not _allowed("segvoc.reporting.throughput", "segvoc.deploy.exported")
     assert not _allowed("segvoc.runs.sweep", "segvoc.train")
+    assert not _allowed("segvoc.runs.lifecycle", "segvoc.app")
+    assert not _allowed("segvoc.safety.ownership", "segvoc.runs.directory")
     assert _allowed("segvoc.deploy.exported", "segvoc.engine.builders")
+    assert _allowed("segvoc.train", "segvoc.app")
 
 
 def test_no_import_circles():
@@ -152,3 +160,10 @@ print('ok')
 """
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_only_the_ownership_rule_deletes_folders():
+    """Rule A has one place: ``shutil.rmtree`` (deleting a folder and everything in it) is called only by
+    ``segvoc.safety.ownership``, which checks the folder's marker first."""
+    offenders = [m for m, p in _modules().items() if "rmtree" in p.read_text() and m != "segvoc.safety.ownership"]
+    assert not offenders, offenders

@@ -25,6 +25,7 @@ from torch import nn
 from segvoc.deploy.exported import load_runner
 from segvoc.deploy.formats import FORMATS, METADATA_KEY, torchscript_quiet
 from segvoc.errors import ConfigError, ExportError
+from segvoc.safety.trust import SIGNATURE_KEY
 from segvoc.utils import one_line, temp_beside
 
 if TYPE_CHECKING:
@@ -226,6 +227,7 @@ def export_metadata(task: SegmentationTask, source: Path, epoch: int | None) -> 
     weights = getattr(task.criterion, "class_weight", None)
     return {
         "config": task.hparams.get("cfg"),
+        SIGNATURE_KEY: task.hparams.get(SIGNATURE_KEY),  # the checkpoint's signature of that config (safety.trust)
         "class_names": list(task.class_names),
         "class_weights": weights.tolist() if weights is not None else None,
         "epoch": epoch,
