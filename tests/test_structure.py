@@ -11,8 +11,8 @@ import pytest
 
 from segvoc.config import REPO_ROOT
 
-ENTRY_POINTS = {"segvoc.train", "segvoc.evaluate", "segvoc.predict", "segvoc.export", "segvoc.report", "segvoc.bench",
-                "segvoc.demo", "segvoc.data.check", "segvoc.data.prepare"}
+ENTRY_POINTS = {"segvoc.train", "segvoc.evaluate", "segvoc.predict", "segvoc.export", "segvoc.report", "segvoc.demo",
+                "segvoc.data.check", "segvoc.data.prepare"}
 BASE = {"segvoc", "segvoc.config", "segvoc.app", "segvoc.errors", "segvoc.utils", "segvoc.tables"}
 # what each folder may import besides itself (README, "Module map"); the base modules import only each other
 MAY_IMPORT = {
@@ -25,6 +25,8 @@ MAY_IMPORT = {
     "deploy": {"engine", "models", "losses", "evaluation", "data", "base"},
     "reporting": {"runs", "engine", "models", "losses", "evaluation", "data", "base"},
     "base": {"base"},
+    # measuring segvoc (python -m segvoc.bench): may use any folder; nothing else in segvoc imports it
+    "bench": {"reporting", "deploy", "runs", "engine", "models", "losses", "evaluation", "data", "base"},
 }
 
 
@@ -64,6 +66,8 @@ def _room(module: str) -> str:
 
 def _allowed(importer: str, imported: str) -> bool:
     room, target = _room(importer), _room(imported)
+    if target == "bench":
+        return room == "bench"
     if room == "entry":
         return target != "entry"
     if target == "entry":
@@ -81,9 +85,22 @@ def test_every_module_has_a_room_and_imports_only_go_down():
 def test_the_rule_catches_an_upward_import(tmp_path):
     assert not _allowed("segvoc.data.voc", "segvoc.engine.task")
     assert not _allowed("segvoc.engine.task", "segvoc.runs.directory")
-    assert not _allowed("segvoc.reporting.throughput", "segvoc.deploy.exported")
+    assert not _allowed("segvoc.reporting.study", "segvoc.deploy.exported")
     assert not _allowed("segvoc.runs.sweep", "segvoc.train")
     assert _allowed("segvoc.deploy.exported", "segvoc.engine.builders")
+
+
+def test_the_rule_keeps_the_measurement_tools_off_the_training_path():
+    """``segvoc.bench`` may import every folder below it, and nothing else imports ``segvoc.bench``: not an entry
+    point, not the base helpers, not a folder."""
+    for importer in ("segvoc.train", "segvoc.engine.task", "segvoc.data.datamodule", "segvoc.app",
+                     "segvoc.reporting.study"):
+        assert not _allowed(importer, "segvoc.bench.syncs"), importer
+    assert not _allowed("segvoc.bench.benchmark", "segvoc.train")
+    assert _allowed("segvoc.bench.gpu_check", "segvoc.bench.throughput")
+    for imported in ("segvoc.engine.builders", "segvoc.runs.directory", "segvoc.deploy.exported", "segvoc.config",
+                     "segvoc.reporting.study"):
+        assert _allowed("segvoc.bench.benchmark", imported), imported
 
 
 def test_no_import_circles():

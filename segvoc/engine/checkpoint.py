@@ -65,7 +65,6 @@ MOVED_MODULES = {
     "segvoc.model_card": "segvoc.runs.model_card",
     "segvoc.exporting": "segvoc.deploy.exporting",
     "segvoc.exported": "segvoc.deploy.exported",
-    "segvoc.throughput": "segvoc.reporting.throughput",
 }
 
 
