@@ -33,3 +33,7 @@ class ExportError(SegvocError):
 
 class TrackerError(SegvocError):
     """An experiment tracker (MLflow, W&B) that cannot be reached or used as configured."""
+
+
+class MissingExtraError(SegvocError):
+    """A command needs an optional extra (``pip install 'segvoc[NAME]'``) that is not installed."""

@@ -13,11 +13,11 @@ from segvoc.config import REPO_ROOT
 
 ENTRY_POINTS = {"segvoc.train", "segvoc.evaluate", "segvoc.predict", "segvoc.export", "segvoc.report", "segvoc.demo",
                 "segvoc.data.check", "segvoc.data.prepare"}
-BASE = {"segvoc", "segvoc.config", "segvoc.app", "segvoc.errors", "segvoc.utils", "segvoc.tables"}
+BASE = {"segvoc", "segvoc.config", "segvoc.app", "segvoc.errors", "segvoc.extras", "segvoc.utils", "segvoc.tables"}
 # what each folder may import besides itself (README, "Module map"); the base modules import only each other
 MAY_IMPORT = {
     "data": {"base"},
-    "models": {"segvoc.errors", "segvoc.utils"},
+    "models": {"segvoc.errors", "segvoc.extras", "segvoc.utils"},
     "losses": {"data", "base"},
     "evaluation": {"data", "base"},
     "engine": {"models", "losses", "evaluation", "data", "base"},
