@@ -194,7 +194,9 @@ _WITHOUT_EXTRAS = textwrap.dedent('''
         return sorted({name for name, file in tried if file.startswith(ours) and under(name, extras)})
 
     out = {}
-    import segvoc.evaluate, segvoc.predict, segvoc.train  # noqa: E401
+    # the entry points, and the sweeper Hydra imports at every start
+    import hydra_plugins.segvoc_optuna.segvoc_optuna_sweeper, segvoc.evaluate, segvoc.export, segvoc.predict  # noqa
+    import segvoc.report, segvoc.train  # noqa: E401
     out["loaded"] = sorted(m for m in sys.modules if under(m, extras + ["segvoc.bench"]))
     out["tried"] = by_segvoc()
 
@@ -245,7 +247,7 @@ def without_extras(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.mark.slow
-def test_train_evaluate_predict_import_no_extra(without_extras):
+def test_train_evaluate_predict_export_report_and_the_sweeper_import_no_extra(without_extras):
     assert not without_extras["loaded"], without_extras["loaded"]
     assert not without_extras["tried"], without_extras["tried"]
 
