@@ -11,7 +11,7 @@ from types import ModuleType
 
 from segvoc.errors import MissingExtraError
 
-# extra -> the modules that make it installed; ``require`` returns the first (the one segvoc uses)
+# extra -> the modules whose presence makes it installed; ``require`` imports and returns the first
 EXTRAS: dict[str, tuple[str, ...]] = {
     "smp": ("segmentation_models_pytorch",),                     # model=smp, loss=lovasz
     "export": ("onnx", "onnxscript", "onnxruntime"),             # export format=onnx, evaluate/predict a .onnx
