@@ -45,3 +45,7 @@ class RunLockedError(SegvocError):
 
 class UntrustedConfigError(SegvocError):
     """A config read from a file (checkpoint, exported model) names a ``_target_`` outside the allowlist."""
+
+
+class MissingExtraError(SegvocError):
+    """A command needs an optional extra (``pip install 'segvoc[NAME]'``) that is not installed."""

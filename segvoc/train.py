@@ -65,4 +65,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    from segvoc.extras import exit_if_missing  # hydra/launcher=slurm, hparams_search=optuna: before Hydra composes
+    exit_if_missing()
     main()

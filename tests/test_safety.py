@@ -310,13 +310,14 @@ def test_resume_appends_to_the_csv_history(smoke_cfg, tmp_path):
     from segvoc.config import compose
     from segvoc.train import train
 
+    def validated_epochs() -> list[str]:
+        with open(tmp_path / "csv" / "metrics.csv", newline="") as f:
+            return [r["epoch"] for r in csv.DictReader(f) if r.get("val/miou")]
+
     train(smoke_cfg("logger=csv", "trainer.max_epochs=1", "data.subset=2"))
-    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
-    epoch0 = {r["epoch"] for r in rows if r.get("val/miou")}
-    assert epoch0 == {"0"}
+    assert validated_epochs() == ["0"]
     train(compose([f"resume={tmp_path}", f"paths.output_dir={tmp_path}", "trainer.max_epochs=2"]))
-    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
-    assert [r["epoch"] for r in rows if r.get("val/miou")] == ["0", "1"]
+    assert validated_epochs() == ["0", "1"]
 
 
 def test_a_moved_run_keeps_its_best_checkpoint_tracking(smoke_cfg, tmp_path):

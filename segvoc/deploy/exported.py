@@ -18,6 +18,7 @@ from segvoc.engine.checkpoint import checkpoint_config, read_checkpoint, upgrade
 from segvoc.engine.task import SegmentationTask
 from segvoc.errors import ConfigError, WeightsError
 from segvoc.evaluation.inference import InferenceConfig
+from segvoc.extras import require
 from segvoc.safety.trust import SIGNATURE_KEY, check_config
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
@@ -32,6 +33,8 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise _missing(path)
+    if export_format(path) == "onnx":
+        require("export", f"ckpt={path}")
     try:
         if export_format(path) == "onnx":
             import onnx
@@ -59,6 +62,7 @@ def load_runner(path: str | Path) -> Runner:
     if not path.is_file():
         raise _missing(path)
     if export_format(path) == "onnx":
+        require("export", f"ckpt={path}")
         import onnxruntime as ort
 
         available = ort.get_available_providers()

@@ -66,7 +66,6 @@ MOVED_MODULES = {
     "segvoc.model_card": "segvoc.runs.model_card",
     "segvoc.exporting": "segvoc.deploy.exporting",
     "segvoc.exported": "segvoc.deploy.exported",
-    "segvoc.throughput": "segvoc.reporting.throughput",
 }
 
 
@@ -104,8 +103,8 @@ def upgrade_config(cfg: dict[str, Any]) -> dict[str, Any]:
         from segvoc.config import CONF_DIR
 
         defaults = OmegaConf.load(CONF_DIR / "callbacks" / "default.yaml")
-        scope = OmegaConf.merge({"log_images": 4, "perf": {"cudnn_benchmark": False}},
-                                {k: cfg[k] for k in ("paths", "log_images", "perf") if k in cfg}, {"callbacks": defaults})
+        own = {k: cfg[k] for k in ("paths", "log_images", "perf") if k in cfg}
+        scope = OmegaConf.merge({"log_images": 4, "perf": {"cudnn_benchmark": False}}, own, {"callbacks": defaults})
         added = OmegaConf.to_container(scope.callbacks, resolve=True)
         cfg["callbacks"] = {**{k: v for k, v in added.items() if k not in cfg["callbacks"]},
                             **(cfg["callbacks"] or {})}
