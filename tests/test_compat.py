@@ -61,3 +61,77 @@ def test_a_0_3_run_resumes(data_0_3, tmp_path):
     assert metrics["test"]["epoch"] is not None
     changed = [k for k, v in after["state_dict"].items() if not torch.equal(v, before["state_dict"][k])]
     assert changed, "the resumed epoch trained nothing"
+
+
+FIXTURE_0_4 = Path(__file__).parent / "fixtures" / "run_0_4"  # made by segvoc 0.4 (4a55eba): weighted_ce, 2 epochs
+
+
+@pytest.fixture(scope="module")
+def run_0_4(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A copy of the 0.4 run (its checkpoints store paths of the machine that made it) and its data, regenerated."""
+    from segvoc.data.synthetic import generate
+
+    base = tmp_path_factory.mktemp("run04")
+    generate(base / "data", num_train=8, num_val=8, height=40, width=48, seed=0)
+    shutil.copytree(FIXTURE_0_4, base / "run")
+    return base / "run", base / "data"
+
+
+def test_a_0_4_run_evaluates_to_its_own_scores(run_0_4, tmp_path):
+    from segvoc.evaluate import evaluate
+
+    run, data = run_0_4
+    got = evaluate(compose([f"ckpt={run}", f"paths.output_dir={tmp_path}", f"data.root={data}",
+                            "trainer.enable_progress_bar=false"], config_name="evaluate"))["test"]
+    expected = json.loads((FIXTURE_0_4 / "metrics.json").read_text())["test"]
+    assert got["miou"] == pytest.approx(expected["miou"], abs=1e-9)
+    assert got["loss"] == pytest.approx(expected["loss"], abs=1e-6)
+    assert got["per_class_iou"] == pytest.approx(expected["per_class_iou"], abs=1e-9)
+
+
+def test_a_0_4_run_counts_as_finished_and_as_segvoc_s_own(run_0_4, tmp_path):
+    """resume=auto skips it as finished (0.4 wrote metrics.json and MODEL_CARD.md last); without them it resumes;
+    overwrite=true may clear it (its .hydra/ and checkpoints prove segvoc made it) and keeps a user's file."""
+    from segvoc.config import stored_overrides
+    from segvoc.runs.lifecycle import decide, finished, legacy_run
+    from segvoc.safety.ownership import owned
+
+    run, data = run_0_4
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    assert legacy_run(copy) and owned(copy, "run", legacy_run) and finished(copy)
+    common = [f"paths.output_dir={copy}", f"data.root={data}"]
+    typed = stored_overrides(copy)  # the same launch again
+    assert decide(compose([*common, "resume=auto"]), typed).action == "finished"
+    (copy / "MODEL_CARD.md").unlink()  # died before its last file: resumed and re-scored, not skipped
+    assert decide(compose([*common, "resume=auto"]), typed).action == "resume"
+    assert decide(compose([*common, "overwrite=true"]), typed).clear
+
+
+def test_0_4_checkpoint_callback_states_load_into_today_s_callbacks():
+    """Lightning keys callback states by class name: today's subclasses keep 0.4's keys, so a resumed 0.4 run keeps
+    its best score and early-stopping counters."""
+    from segvoc.engine.callbacks import ResumableEarlyStopping, RunCheckpoint
+
+    stored = read_checkpoint(FIXTURE_0_4 / "checkpoints" / "last.ckpt")["callbacks"]
+    best = RunCheckpoint(dirpath="x", filename="best", monitor="val/miou", mode="max")
+    last = RunCheckpoint(dirpath="x", filename="last", monitor=None, every_n_epochs=1)
+    stop = ResumableEarlyStopping(monitor="val/miou", mode="max", patience=5)
+    assert {best.state_key, last.state_key, stop.state_key} == set(stored)
+
+
+def test_a_0_4_run_resumes(run_0_4, tmp_path):
+    from segvoc.train import train
+
+    run, data = run_0_4
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "metrics.json").unlink()
+    before = read_checkpoint(copy / "checkpoints" / "last.ckpt")
+    metrics = train(compose([f"resume={copy}", f"paths.output_dir={copy}", f"data.root={data}",
+                             "trainer.max_epochs=3", "trainer.enable_progress_bar=false"]))
+    after = read_checkpoint(copy / "checkpoints" / "last.ckpt")
+    assert (before["epoch"], after["epoch"]) == (1, 2) and after["global_step"] > before["global_step"]
+    assert (copy / "MODEL_CARD.md").is_file() and metrics["test"]["epoch"] is not None
+    assert json.loads((copy / "class_weights.json").read_text()) == json.loads(
+        (FIXTURE_0_4 / "class_weights.json").read_text())

@@ -99,36 +99,40 @@ def test_two_uninterrupted_ddp_runs_are_identical(ddp_reference, tmp_path, synth
 RACE = ["+callbacks.signal_at.rank=1", "+callbacks.signal_at.hold=5", "+callbacks.signal_at.hold_rank=1"]
 
 
-@pytest.mark.parametrize(("sig", "group", "extra", "stop"),
-                         [(signal.SIGTERM, False, ["+callbacks.signal_at.rank=0"], 4),
-                          (signal.SIGINT, True, RACE, 4),
-                          (signal.SIGUSR2, True, ["+callbacks.signal_at.rank=0"], 4)],
-                         ids=["sigterm-rank0", "sigint-group", "sigusr2-group"])
+@pytest.mark.parametrize(("sig", "group", "extra", "stop", "submitit"),
+                         [(signal.SIGTERM, False, ["+callbacks.signal_at.rank=0"], 4, False),
+                          (signal.SIGINT, True, RACE, 4, False),
+                          (signal.SIGUSR2, True, ["+callbacks.signal_at.rank=0"], 4, True),
+                          (signal.SIGUSR2, True, ["+callbacks.signal_at.rank=0"], 4, False)],
+                         ids=["sigterm-rank0", "sigint-group", "sigusr2-group-submitit", "sigusr2-group-plain"])
 def test_ddp_interrupt_stops_all_ranks_together_then_resumes_exactly(ddp_reference, tmp_path, synthetic_root, sig,
-                                                                       group, extra, stop):
+                                                                       group, extra, stop, submitit):
     """SIGTERM to rank 0 only (the other rank learns it from the step's collective), Ctrl-C to the whole process
     group arriving while the ranks are at different points (``RACE``), submitit's SIGUSR2 to the whole group (rank 0
-    alone requeues). Each: exit 2 within 60 s, a mid-epoch last.ckpt saved by both ranks together, and the resumed
+    alone requeues), and SIGUSR2 outside submitit (``sbatch --signal=USR2@90``: a stop like SIGTERM). Each: exit 2
+    within 60 s (255 after submitit's requeue), a mid-epoch last.ckpt saved by both ranks together, and the resumed
     run equals the uninterrupted one."""
     run, stamp, record = tmp_path / "run", tmp_path / "sent", tmp_path / "requeued"
     extra = ["+callbacks.signal_at._target_=tests.helpers.SignalAt", "+callbacks.signal_at.step=4",
              f"+callbacks.signal_at.sig={int(sig)}", *extra,
              f"+callbacks.signal_at.group={str(group).lower()}", f"+callbacks.signal_at.stamp={stamp}"]
-    if sig == signal.SIGUSR2:
+    if submitit:
         extra += ["+callbacks.requeue._target_=tests.helpers.SubmititRequeueStub",
                   f"+callbacks.requeue.record={record}"]
     code, err, gone = _run_group(_train(synthetic_root, run, *extra))
     # after the requeue, submitit's own handler ends rank 0 with sys.exit(-1) (255), as in a real submitit job;
     # the other rank (and rank 0 on SIGTERM/Ctrl-C) exits 2 with one line
-    assert code == (255 if sig == signal.SIGUSR2 else 2), err[-3000:]
+    assert code == (255 if submitit else 2), err[-3000:]
     assert "error: " in err and "resume with: python -m segvoc.train resume=" in err, err[-3000:]
     assert gone - float(stamp.read_text()) < 60, "took more than 60 s to stop"
     assert "Traceback" not in err, err[-3000:]
     assert f"interrupted at step {stop}: saved" in err and f"(batch {stop - 3} of epoch 1)" in err, err[-3000:]
     saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == stop
-    if sig == signal.SIGUSR2:
+    if submitit:
         assert record.read_text() == "rank 0\n"  # submitit's requeue ran once, on rank 0 only
+    else:
+        assert not record.exists() and f"stopped by {signal.Signals(sig).name.replace('SIGINT', 'Ctrl-C')}" in err
     assert not (run / "metrics.json").exists()
     resumed = subprocess.run([sys.executable, "-m", "segvoc.train", f"resume={run}"], cwd=REPO_ROOT, env=_env(),
                              capture_output=True, text=True, timeout=HANG_GUARD)

@@ -92,11 +92,12 @@ def test_sigkill_mid_run_then_resume_is_exact(tmp_path, synthetic_root, referenc
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("sig", "where"), [(signal.SIGTERM, "train"), (signal.SIGINT, "train"),
-                                            (signal.SIGTERM, "val"), (signal.SIGINT, "val")])
+                                            (signal.SIGTERM, "val"), (signal.SIGINT, "val"),
+                                            (signal.SIGUSR1, "train")])
 def test_interrupt_then_resume_is_exact(tmp_path, synthetic_root, reference_runs, sig, where):
-    """SIGTERM (pre-emption) and Ctrl-C with loader workers and random augmentation, after the first epoch-end
-    checkpoint: in the middle of a training epoch (a checkpoint is saved at the batch boundary) or during
-    validation (the epoch-end checkpoint is kept). Either way the run exits non-zero with one line and the resumed
+    """SIGTERM (pre-emption), Ctrl-C and SIGUSR1 (SLURM's warning signal, outside submitit) with loader workers and
+    random augmentation, after the first epoch-end checkpoint: in the middle of a training epoch (a checkpoint is
+    saved at the batch boundary) or during validation (the epoch-end checkpoint is kept). Either way the run exits non-zero with one line and the resumed
     run ends bit-identical to an uninterrupted one."""
     run = tmp_path / "run"
     at = "+callbacks.signal_at._target_=tests.helpers.SignalAt"
@@ -108,6 +109,8 @@ def test_interrupt_then_resume_is_exact(tmp_path, synthetic_root, reference_runs
     assert proc.returncode == 2, err[-3000:]
     lines = [line for line in err.splitlines() if line.startswith(("error:", "interrupted at"))]
     assert f"resume={run}" in lines[-1] and lines[-1].startswith("error:") and "Traceback" not in err, err[-2000:]
+    name = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C", signal.SIGUSR1: "SIGUSR1"}[sig]
+    assert f"stopped by {name} at step" in lines[-1], lines[-1]
     assert not list((run / "checkpoints").glob("*.tmp"))  # no half-written files left behind
     saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     if where == "train":  # 24 steps per epoch: step 34 is batch 10 of epoch 1

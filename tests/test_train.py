@@ -163,15 +163,6 @@ def test_reference_presets_train_with_aux_loss(preset, smoke_cfg, tmp_path):
     assert 0 <= metrics["test"]["miou"] <= 1
 
 
-def test_aux_output_adds_weighted_aux_loss():
-    from segvoc.losses.segmentation import CrossEntropy
-
-    ce = CrossEntropy(3, aux_weight=0.5)
-    target = torch.tensor([[[0, 1], [2, 255]]])
-    out, aux = torch.randn(1, 3, 2, 2), torch.randn(1, 3, 2, 2)
-    assert torch.allclose(ce({"out": out, "aux": aux}, target), ce(out, target) + 0.5 * ce(aux, target))
-
-
 def test_weighted_loss_is_applied_during_fit(smoke_cfg, monkeypatch):
     """The training steps' cross-entropy really receives the class weights (background x80 included), and the run
     directory records them in class_weights.json."""
