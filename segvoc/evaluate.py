@@ -66,8 +66,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         atomic_write_text(out / "per_class_iou.md", table)
         print(table, flush=True)
         m = metrics[cfg.split]
-        print(f"{cfg.split} ({cfg.stats.confidence:.0%} bootstrap interval over images): "
-              + "  ".join(f"{name} {fmt_ci(m[key], m['ci'].get(key))}" for key, name in SCORE_NAMES)
+        print(f"{cfg.split} ({m['ci_method']}): "
+              + "  ".join(f"{name} {fmt_ci(m[key], m['ci'].get(key), m['ci_na'].get(key))}"
+                          for key, name in SCORE_NAMES)
               + f"  ECE {m['ece']:.4f}", flush=True)
         log.info("%s mIoU %.4f pixel acc %.4f -> %s", cfg.split, m["miou"], m["pixel_acc"], out)
     return metrics

@@ -26,7 +26,8 @@ def _per_image(ids: list[str], quality: float, seed: int) -> dict[str, np.ndarra
     ones = rng.integers(80, 120, n)
     conf[:, 1, 1] = (ones * quality).astype(np.int64)
     conf[:, 1, 0] = ones - conf[:, 1, 1]
-    boundary = np.stack([conf[:, :, :].diagonal(axis1=1, axis2=2) // 10, conf.sum(2) // 10 + 1], 1)
+    # boundary union of the classes in the truth (class 2, in no truth and never predicted, has none)
+    boundary = np.stack([conf[:, :, :].diagonal(axis1=1, axis2=2) // 10, conf.sum(2) // 10 + (conf.sum(2) > 0)], 1)
     calibration = np.zeros((n, 3, 15))
     calibration[:, 0, 14] = conf.sum((1, 2))
     calibration[:, 1, 14] = conf.sum((1, 2)) * 0.97

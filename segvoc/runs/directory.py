@@ -17,7 +17,7 @@ from segvoc.config import carry_overrides, stored_overrides
 from segvoc.engine.checkpoint import checkpoint_config, read_checkpoint
 from segvoc.engine.task import SegmentationTask
 from segvoc.errors import ConfigError
-from segvoc.evaluation.statistics import bootstrap_ci, confusion_scores
+from segvoc.evaluation.statistics import confusion_scores, interval_fields
 from segvoc.utils import atomic_write, atomic_write_text, write_json
 
 METRIC_KEYS = ("loss", "miou", "pixel_acc", "mean_class_acc", "per_class_iou", "boundary_miou",
@@ -181,13 +181,11 @@ def ensure_writable(out: Path) -> None:
 def split_scores(task: SegmentationTask, split: str, epoch: int | None,
                  stats: Any = None) -> dict[str, Any]:
     """The ``metrics.json`` entry of one split, from the task's last evaluation of it: the scores, the epoch and
-    ``ci``, percentile-bootstrap intervals over images (``stats.bootstrap`` resamples, ``stats.confidence``,
-    ``stats.seed``: ``conf/stats/default.yaml``)."""
+    the intervals over images (``ci``, ``ci_method``, ``ci_na``: ``segvoc.evaluation.statistics.interval_fields``,
+    ``conf/stats/default.yaml``)."""
     scores = task.scores[split]
-    stats = stats or {}
-    ci = bootstrap_ci(scores["per_image"], int(stats.get("bootstrap", 1000)), float(stats.get("confidence", 0.95)),
-                      int(stats.get("seed", 0)))
-    return {**{k: scores[k] for k in METRIC_KEYS}, "ci": ci, "epoch": epoch}
+    fields = interval_fields(scores["per_image"], stats, scores)
+    return {**{k: scores[k] for k in METRIC_KEYS}, **fields, "epoch": epoch}
 
 
 def per_image_csv(ids: list[str], confusion: np.ndarray) -> str:
