@@ -92,6 +92,20 @@ def _confusion_marginals(sums: Mapping[str, np.ndarray]) -> np.ndarray | None:
     return marginals(sums["confusion"]) if "confusion" in sums else None
 
 
+def compact(per_image: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The per-image arrays with the confusion matrices replaced by their ``marginals``: every function here takes
+    either, the compact form saves recomputing them when one split is scored many times (comparisons)."""
+    out = {k: v for k, v in per_image.items() if k != "confusion"}
+    if "confusion" in per_image:
+        out["marginals"] = marginals(per_image["confusion"])
+    return out
+
+
+def image_count(per_image: Mapping[str, np.ndarray]) -> int:
+    """How many images the per-image arrays hold."""
+    return int(next(iter(per_image.values())).shape[0])
+
+
 def per_class_values(sums: Mapping[str, np.ndarray]) -> PerClass:
     """``{score: (values, defined)}``, each (..., C), of the class-mean scores in ``sums`` (``confusion``, or its
     ``marginals``; ``boundary``): IoU (defined where the union is non-empty), accuracy (where the class is in the
@@ -167,8 +181,11 @@ def scores_of(sums: Mapping[str, np.ndarray], names: tuple[str, ...] = tuple(SCO
 def _sources(per_image: Mapping[str, np.ndarray], names: tuple[str, ...]) -> dict[str, np.ndarray]:
     """The per-image arrays the named scores read, confusion matrices as their ``marginals``."""
     out = {}
-    for s in {SCORE_SOURCES[k] for k in names} & set(per_image):
-        out["marginals" if s == "confusion" else s] = marginals(per_image[s]) if s == "confusion" else per_image[s]
+    for s in {SCORE_SOURCES[k] for k in names}:
+        if s == "confusion" and (m := _confusion_marginals(per_image)) is not None:
+            out["marginals"] = m
+        elif s in per_image:
+            out[s] = per_image[s]
     return out
 
 
@@ -272,7 +289,7 @@ def bootstrap_ci(per_image: Mapping[str, np.ndarray], resamples: int = 1000, con
     ``per_image``: ``{"confusion": (N, C, C), ...}`` (see ``SCORE_SOURCES``); ``estimates``: the scores the
     intervals must contain (default: computed from the summed counts). Same inputs and seed, same interval.
     """
-    n = per_image["confusion"].shape[0]
+    n = image_count(per_image)
     if n == 0:
         return {k: Interval(reason="no images") for k in names}
     classes = fixed_classes(per_image)
@@ -290,9 +307,9 @@ def bootstrap_ci(per_image: Mapping[str, np.ndarray], resamples: int = 1000, con
     return out
 
 
-def images_per_class(confusion: np.ndarray) -> np.ndarray:
+def images_per_class(per_image: Mapping[str, np.ndarray]) -> np.ndarray:
     """(C,) how many images hold each class in their truth."""
-    return (np.asarray(confusion).sum(-1) > 0).sum(0)
+    return (_confusion_marginals(per_image)[:, 1] > 0).sum(0)
 
 
 def rare_classes(per_image: Mapping[str, np.ndarray], name: str, min_images: int) -> dict[int, int]:
@@ -303,7 +320,7 @@ def rare_classes(per_image: Mapping[str, np.ndarray], name: str, min_images: int
     classes = fixed_classes(per_image)
     if name not in classes:
         return {}
-    counts = images_per_class(per_image["confusion"])
+    counts = images_per_class(per_image)
     return {int(c): int(counts[c]) for c in np.flatnonzero(classes[name][1]) if counts[c] < min_images}
 
 
@@ -321,7 +338,7 @@ def class_reason(per_image: Mapping[str, np.ndarray], name: str, min_images: int
 def too_few(per_image: Mapping[str, np.ndarray], name: str, stats: Mapping[str, Any]) -> str | None:
     """Why the split cannot give ``name`` a trustworthy interval (``stats.bootstrap``, ``stats.min_images``,
     ``stats.min_images_per_class``), or None."""
-    n = per_image["confusion"].shape[0]
+    n = image_count(per_image)
     if int(stats.get("bootstrap", 1000)) < 1:
         return "stats.bootstrap=0: no intervals"
     if n < (least := int(stats.get("min_images", 10))):
@@ -410,7 +427,7 @@ def compare_groups(group: list[Mapping[str, np.ndarray]], baseline: list[Mapping
     The acceleration comes from the jackknife over images (paired: the same image left out of every run).
     """
     rng = np.random.default_rng(seed)
-    n_g, n_b = group[0]["confusion"].shape[0], baseline[0]["confusion"].shape[0]
+    n_g, n_b = image_count(group[0]), image_count(baseline[0])
     idx_g = rng.integers(0, n_g, size=(resamples, n_g))
     idx_b = idx_g if paired else rng.integers(0, n_b, size=(resamples, n_b))
     counts_g, counts_b = draw_counts(idx_g, n_g), draw_counts(idx_b, n_b)

@@ -21,15 +21,17 @@ import numpy as np
 
 from segvoc.errors import ConfigError
 from segvoc.evaluation.statistics import (
-    SCORE_SOURCES,
     class_reason,
+    compact,
     compare_groups,
     draw_counts,
     draw_indices,
     fixed_classes,
     holm,
+    image_count,
     resampled_scores,
     scores_of,
+    split_sums,
     verdict,
     verdict_evidence,
 )
@@ -58,44 +60,37 @@ def _group_rows(group: SeedGroup, split: str) -> tuple[list[list[str]], list[dic
 
 
 def _mean_score(runs: Sequence[Mapping[str, np.ndarray]], metric: str) -> float:
-    return float(np.mean([scores_of({k: v.sum(0) for k, v in r.items()}, (metric,))[metric] for r in runs]))
+    return float(np.mean([scores_of(split_sums(r), (metric,))[metric] for r in runs]))
 
 
-def compare(groups: Sequence[SeedGroup], stats: Mapping[str, Any], split: str = "test") -> Comparison | None:
-    """Every group against the baseline on ``split``; None with fewer than two groups holding per-image files."""
-    loaded = {g.label: _group_rows(g, split) for g in groups}
-    usable = [g for g in groups if loaded[g.label] is not None]
-    notes = [f"{g.label}: no per_image_{split}.npz (a run of segvoc < 0.4?); left out of the comparison"
-             for g in groups if loaded[g.label] is None]
-    if len(usable) < 2:
-        return None
-    base_label = stats.get("baseline") or usable[0].label
-    if base_label not in loaded or loaded[base_label] is None:
-        raise ConfigError(f"stats.baseline={base_label!r}: no such group with per-image scores; groups: "
-                          + ", ".join(repr(g.label) for g in usable))
+def compare_loaded(loaded: Mapping[str, tuple[list[list[str]], list[dict[str, np.ndarray]]]], base_label: str,
+                   stats: Mapping[str, Any], split: str = "test") -> tuple[list[dict[str, Any]], list[str]]:
+    """The comparison rows (``COLUMNS``, plus ``paired``) and notes of every group against ``base_label``, from each
+    group's runs' (ids, per-image arrays)."""
+    notes: list[str] = []
     resamples, seed = int(stats.get("bootstrap", 1000)) or 1000, int(stats.get("seed", 0))
     confidence, min_per_class = float(stats.get("confidence", 0.95)), int(stats.get("min_images_per_class", 3))
+    loaded = {label: (ids, [compact(r) for r in runs]) for label, (ids, runs) in loaded.items()}
     base_ids, base_runs = loaded[base_label]
     rows: list[dict[str, Any]] = []
-    for g in usable:
-        if g.label == base_label:
+    for label, (ids, runs) in loaded.items():
+        if label == base_label:
             continue
-        ids, runs = loaded[g.label]
         paired = all(i == base_ids[0] for i in ids + base_ids)
         if not paired:
-            notes.append(f"{g.label} vs {base_label}: the runs do not share the same {split} ids; compared with an "
+            notes.append(f"{label} vs {base_label}: the runs do not share the same {split} ids; compared with an "
                          "unpaired bootstrap (each group's images drawn on their own)")
         if len(runs) == 1 and len(base_runs) == 1:
-            notes.append(f"{g.label} vs {base_label}: one run per group. A difference between single runs includes "
+            notes.append(f"{label} vs {base_label}: one run per group. A difference between single runs includes "
                          "seed noise that the test cannot see; train each configuration with more seeds "
                          f"(at least stats.min_runs={stats.get('min_runs', 2)}) before reading it as an effect")
         images = min(len(ids[0]), len(base_ids[0]))
         short = verdict_evidence(len(runs), len(base_runs), images, stats)
         deltas = {} if short else compare_groups(runs, base_runs, COMPARED, resamples, seed, paired, confidence)
         for metric in COMPARED:
-            if not all(SCORE_SOURCES[metric] in r for r in runs + base_runs):
+            if not all(scores_of(split_sums(r), (metric,)) for r in runs + base_runs):  # its counts are missing
                 continue
-            row = {"group": g.label, "baseline": base_label, "metric": metric,
+            row = {"group": label, "baseline": base_label, "metric": metric,
                    "n_runs": f"{len(runs)} vs {len(base_runs)}",
                    "delta": _mean_score(runs, metric) - _mean_score(base_runs, metric),
                    "ci_lo": None, "ci_hi": None, "p": None, "paired": paired, "reason": short}
@@ -115,11 +110,28 @@ def compare(groups: Sequence[SeedGroup], stats: Mapping[str, Any], split: str = 
                                                       row["metric"])
         if not row["paired"]:
             row["verdict"] += " (unpaired)"
+    return rows, notes
+
+
+def compare(groups: Sequence[SeedGroup], stats: Mapping[str, Any], split: str = "test") -> Comparison | None:
+    """Every group against the baseline on ``split``; None with fewer than two groups holding per-image files."""
+    loaded = {g.label: _group_rows(g, split) for g in groups}
+    usable = [g for g in groups if loaded[g.label] is not None]
+    notes = [f"{g.label}: no per_image_{split}.npz (a run of segvoc < 0.4?); left out of the comparison"
+             for g in groups if loaded[g.label] is None]
+    if len(usable) < 2:
+        return None
+    base_label = stats.get("baseline") or usable[0].label
+    if base_label not in loaded or loaded[base_label] is None:
+        raise ConfigError(f"stats.baseline={base_label!r}: no such group with per-image scores; groups: "
+                          + ", ".join(repr(g.label) for g in usable))
+    rows, more = compare_loaded({g.label: loaded[g.label] for g in usable}, base_label, stats, split)
+    notes += more
+    resamples, seed = int(stats.get("bootstrap", 1000)) or 1000, int(stats.get("seed", 0))
     variance = []
     for g in usable:
         _, runs = loaded[g.label]
-        counts = draw_counts(draw_indices(runs[0]["confusion"].shape[0], resamples, seed),
-                             runs[0]["confusion"].shape[0])
+        counts = draw_counts(draw_indices(image_count(runs[0]), resamples, seed), image_count(runs[0]))
         per_run = np.stack([resampled_scores(r, counts, ("miou",), fixed_classes(r))["miou"] for r in runs])
         values = [_mean_score([r], "miou") for r in runs]
         variance.append({"group": g.label, "n_runs": len(runs), "miou": float(np.mean(values)),
