@@ -91,8 +91,9 @@ def _bca_by_hand(values: list[float], estimate: float, jackknife: list[float], c
 
 def test_bootstrap_matches_a_plain_loop_with_the_same_seed():
     per_image = _random_per_image(n=23, c=4, seed=1)
-    per_image["confusion"][0, 2] = 0  # class 2 absent from image 0's truth and prediction: resamples of images 0
-    per_image["confusion"][0, :, 2] = 0  # ... alone would miss it
+    per_image["confusion"][2:, 2] = 0  # class 2 only in images 0 and 1 (truth, prediction, boundary): about one
+    per_image["confusion"][2:, :, 2] = 0  # resample in eight misses it, and counts it at its split value
+    per_image["boundary"][2:, :, 2] = 0
     got = bootstrap_ci(per_image, resamples=200, confidence=0.9, seed=7)
     split = scores_from_confusion(torch.as_tensor(per_image["confusion"].sum(0)))
     split_b = boundary_scores_from_counts(torch.as_tensor(per_image["boundary"].sum(0)))
