@@ -219,6 +219,7 @@ def test_one_run_per_group_on_one_image_gives_the_delta_and_why_not_a_verdict(tm
     assert cells[5:9] == ["-", "-", "-", "-"] and cells[9] == "not enough runs (1 per group); not enough images (1)"
     assert cells[4] != "-"  # the delta is shown
     assert "seed noise that the test cannot see" in md
+    assert [v["std_images"] for v in result.variance] == [None, None]  # not a std of 0 over one image
     rows = list(csv.DictReader((tmp_path / "out" / "comparison.csv").open()))
     assert [(r["p"], r["p_holm"], r["ci_lo"]) for r in rows] == [("", "", "")] * 4
 

@@ -134,9 +134,10 @@ def compare(groups: Sequence[SeedGroup], stats: Mapping[str, Any], split: str = 
         counts = draw_counts(draw_indices(image_count(runs[0]), resamples, seed), image_count(runs[0]))
         per_run = np.stack([resampled_scores(r, counts, ("miou",), fixed_classes(r))["miou"] for r in runs])
         values = [_mean_score([r], "miou") for r in runs]
+        few = image_count(runs[0]) < int(stats.get("min_images", 10))  # a std over 1 image would read 0
         variance.append({"group": g.label, "n_runs": len(runs), "miou": float(np.mean(values)),
                          "std_seeds": statistics.stdev(values) if len(values) > 1 else None,
-                         "std_images": float(np.nanstd(np.nanmean(per_run, 0), ddof=1))})
+                         "std_images": None if few else float(np.nanstd(np.nanmean(per_run, 0), ddof=1))})
     return Comparison(rows, notes, variance)
 
 
@@ -167,8 +168,8 @@ def comparison_markdown(result: Comparison, stats: Mapping[str, Any]) -> str:
                                         for r in result.rows]))
     out += ["", "## Where the variance comes from", "",
             "std over seeds: sample std of the runs' test mIoU; bootstrap std over images: std of the group's mean "
-            "test mIoU when the test images are resampled. The larger one is what more seeds (or more test images) "
-            "would narrow.", "",
+            "test mIoU when the test images are resampled (- below stats.min_images test images). The larger one is "
+            "what more seeds (or more test images) would narrow.", "",
             markdown_table(("group", "n_runs", "test mIoU", "std over seeds", "bootstrap std over images"),
                            [[v["group"], v["n_runs"], v["miou"], v["std_seeds"], v["std_images"]]
                             for v in result.variance])]
