@@ -129,13 +129,20 @@ def trained_sweep(tmp_path_factory, synthetic_root) -> Path:
 
 @pytest.mark.slow
 def test_paired_bootstrap_on_real_runs(trained_sweep, tmp_path):
-    """A run stopped after 1 step is worse than the trained one in pixel accuracy (interval excluding 0); log_images,
+    """With one run per group on four test images no row gets a verdict. With stats.min_runs / min_images lowered,
+    a run stopped after 1 step is worse than the trained one in pixel accuracy (interval excluding 0); log_images,
     which changes only the TensorBoard grid, is not distinguishable in any metric.
 
     The one-step run's mIoU is not asserted: on the four test images (two of them trained on) it was worse on the
     CPU this test was written on, but on an AVX2-only CPU, whose rounding sends training elsewhere, the trained run
     scored 0.1248 and the one-step run 0.1242, and the interval held 0."""
     result = build_report(str(trained_sweep), tmp_path, published={}, num_images=0, stats=STATS)["comparison"]
+    # one run per group on four test images: the deltas, but no verdict, and why
+    assert {r["verdict"] for r in result.rows} == {"not enough runs (1 per group); not enough images (4)"}
+    assert all(r["p"] is None for r in result.rows)
+    # the same runs with the evidence rules lowered: the image resampling on real per-image files
+    lowered = {**STATS, "min_runs": 1, "min_images": 1, "min_images_per_class": 0}
+    result = build_report(str(trained_sweep), tmp_path, published={}, num_images=0, stats=lowered)["comparison"]
     rows = {(r["group"], r["metric"]): r for r in result.rows}
     assert {r["baseline"] for r in result.rows} == {"0_trained"}
     worse = rows[("2_one_step", "pixel_acc")]

@@ -2,8 +2,9 @@
 
 Every dataset-level score is a function of counts summed over images (confusion matrix, boundary intersections
 and unions, calibration bins). A bootstrap resample draws N images with replacement; its sums are one matrix
-product: a (B, N) matrix of how often each image was drawn times the (N, K) per-image counts. Scores are then
-computed for all B resamples at once, with the same conventions as ``segvoc.evaluation.metrics``.
+product: a (B, N) matrix of how often each image was drawn times the (N, K) per-image counts (confusion matrices
+reduced to their per-class ``marginals`` first). Scores are then computed for all B resamples at once, with the same
+conventions as ``segvoc.evaluation.metrics``.
 
 Class set: the class-mean scores of a resample (mIoU, mean class accuracy, boundary mIoU) average over the classes
 of the whole split (``fixed_classes``). A class that a resample misses (empty union; for accuracy, absent from the
@@ -34,7 +35,7 @@ SCORE_SOURCES = {"miou": "confusion", "pixel_acc": "confusion", "mean_class_acc"
                  "boundary_miou": "boundary", "ece": "calibration"}
 LOWER_IS_BETTER = frozenset({"ece"})
 CI_SCORES = ("miou", "pixel_acc", "mean_class_acc", "boundary_miou")  # the scores metrics.json gives intervals
-# score -> the classes it averages over: their images are counted for stats.min_images_per_class
+# the scores that average over classes: stats.min_images_per_class counts the images of those classes
 CLASS_MEANS = ("miou", "mean_class_acc", "boundary_miou")
 _NORMAL = NormalDist()
 
