@@ -22,10 +22,11 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def fmt_ci(value: Any, interval: Any = None, digits: int = 4) -> str:
-    """``value [lo, hi]``: a score with its bootstrap interval (``metrics.json`` ``ci``); the value alone without
-    one."""
-    if not interval or interval[0] is None:
-        return fmt(value, digits)
-    return f"{fmt(value, digits)} [{fmt(interval[0], digits)}, {fmt(interval[1], digits)}]"
-
+def fmt_ci(value: Any, interval: Any = None, reason: str | None = None, digits: int = 4) -> str:
+    """``value [lo, hi]``: a score with its bootstrap interval (``metrics.json`` ``ci``); ``value [n/a: reason]``
+    when the split has no trustworthy interval (``ci_na``); the value alone for neither (older runs)."""
+    if interval and interval[0] is not None:
+        return f"{fmt(value, digits)} [{fmt(interval[0], digits)}, {fmt(interval[1], digits)}]"
+    if reason:
+        return f"{fmt(value, digits)} [n/a: {reason}]"
+    return fmt(value, digits)

@@ -66,13 +66,14 @@ def test_per_image_scores_sum_to_the_split_scores(trained_run, tmp_path, capsys)
     from segvoc.evaluation.boundary import boundary_scores_from_counts
     from segvoc.evaluation.calibration import calibration_scores
     from segvoc.evaluation.metrics import scores_from_confusion
+    from segvoc.evaluation.statistics import interval_fields
     from segvoc.tables import fmt_ci
 
     metrics = json.loads((trained_run / "metrics.json").read_text())
     matrices = json.loads((trained_run / "confusion.json").read_text())
     _eval(trained_run, tmp_path)
-    shown = fmt_ci(metrics["test"]["miou"], metrics["test"]["ci"]["miou"])
-    assert "[" in shown and f"mIoU {shown}" in capsys.readouterr().out  # evaluate prints the interval
+    shown = fmt_ci(metrics["test"]["miou"], metrics["test"]["ci"]["miou"], metrics["test"]["ci_na"]["miou"])
+    assert "[n/a: " in shown and f"mIoU {shown}" in capsys.readouterr().out  # evaluate prints why: too few images
     assert f"| {shown} |" in (trained_run / "MODEL_CARD.md").read_text()  # and the model card shows it
     for run, split in ((trained_run, "val"), (trained_run, "test"), (tmp_path, "test")):
         with np.load(run / f"per_image_{split}.npz") as f:
@@ -86,8 +87,13 @@ def test_per_image_scores_sum_to_the_split_scores(trained_run, tmp_path, capsys)
         assert m["ece"] == pytest.approx(calibration_scores(torch.as_tensor(cal.sum(0)))["ece"], abs=1e-12)
         assert m["calibration"]["count"] == cal.sum(0)[0].astype(int).tolist()
         assert set(m["ci"]) == {"miou", "pixel_acc", "mean_class_acc", "boundary_miou"}
-        for lo, hi in m["ci"].values():
-            assert 0 <= lo <= hi <= 1
+        assert len(ids) < 10 and m["ci"] == dict.fromkeys(m["ci"])  # too few images for any interval: n/a, and why
+        assert m["ci_na"] == dict.fromkeys(m["ci"], f"{len(ids)} images < stats.min_images=10")
+        rows = {"confusion": conf, "boundary": bnd, "calibration": cal}  # the same files, the thresholds lowered
+        lowered = interval_fields(rows, {"min_images": 1, "min_images_per_class": 0}, m)
+        assert lowered["ci_na"] == {}
+        for key, (lo, hi) in lowered["ci"].items():
+            assert 0 <= lo <= m[key] <= hi <= 1, key
         rows = (run / f"per_image_{split}.csv").read_text().splitlines()
         assert rows[0] == "id,pixels,pixel_acc,miou" and [r.split(",")[0] for r in rows[1:]] == ids
         for row, matrix in zip(rows[1:], conf, strict=True):

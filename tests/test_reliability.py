@@ -97,8 +97,8 @@ def test_sigkill_mid_run_then_resume_is_exact(tmp_path, synthetic_root, referenc
 def test_interrupt_then_resume_is_exact(tmp_path, synthetic_root, reference_runs, sig, where):
     """SIGTERM (pre-emption), Ctrl-C and SIGUSR1 (SLURM's warning signal, outside submitit) with loader workers and
     random augmentation, after the first epoch-end checkpoint: in the middle of a training epoch (a checkpoint is
-    saved at the batch boundary) or during validation (the epoch-end checkpoint is kept). Either way the run exits non-zero with one line and the resumed
-    run ends bit-identical to an uninterrupted one."""
+    saved at the batch boundary) or during validation (the epoch-end checkpoint is kept). Either way the run exits
+    non-zero with one line and the resumed run ends bit-identical to an uninterrupted one."""
     run = tmp_path / "run"
     at = "+callbacks.signal_at._target_=tests.helpers.SignalAt"
     proc = subprocess.Popen(_train_cmd(synthetic_root, tmp_path, AUGMENT["random"], "data.num_workers=2", at,

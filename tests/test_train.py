@@ -20,7 +20,7 @@ from segvoc.train import train
 
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("[45]*.yaml"))
 KEYS = {"loss", "miou", "pixel_acc", "mean_class_acc", "per_class_iou", "boundary_miou", "per_class_boundary_iou",
-        "ece", "calibration", "ci", "epoch"}
+        "ece", "calibration", "ci", "ci_method", "ci_na", "epoch"}
 
 
 @pytest.fixture(scope="module")

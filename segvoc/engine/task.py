@@ -158,7 +158,7 @@ class SegmentationTask(pl.LightningModule):
             metric.reset()
         fitting = self.trainer.state.fn == "fit"
         if not fitting:  # a final scoring (or segvoc.evaluate): the bootstrap intervals over its images
-            scores.update(interval_fields(scores["per_image"], self.stats))
+            scores.update(interval_fields(scores["per_image"], self.stats, scores))
         self.scores[split] = scores
         if fitting:  # final scoring adds no point to the training curves
             sync = self.trainer.world_size > 1  # the scores are already global; sync_dist only averages equal values

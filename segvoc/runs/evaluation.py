@@ -65,7 +65,8 @@ def evaluation_text(cfg: DictConfig, task: SegmentationTask, entry: dict[str, An
     split = cfg.split
     table = per_class_table(task.scores[split], title=f"{split} ({Path(cfg.ckpt)}, tta={cfg.tta})",
                             class_names=task.class_names)
-    line = (f"{split} ({cfg.stats.confidence:.0%} bootstrap interval over images): "
-            + "  ".join(f"{name} {fmt_ci(entry[key], (entry.get('ci') or {}).get(key))}" for key, name in SCORE_NAMES)
+    ci, na = entry.get("ci") or {}, entry.get("ci_na") or {}
+    line = (f"{split} ({entry.get('ci_method')}): "
+            + "  ".join(f"{name} {fmt_ci(entry[key], ci.get(key), na.get(key))}" for key, name in SCORE_NAMES)
             + f"  ECE {entry['ece']:.4f}")
     return table, line

@@ -154,7 +154,8 @@ def model_card(run_dir: Path, cfg: DictConfig, model: nn.Module, fit: FitSummary
              "## Results", ""]
     splits = [s for s in ("val", "test") if s in metrics]
     def scored(s: str, key: str) -> str:
-        return fmt_ci(metrics[s].get(key), (metrics[s].get("ci") or {}).get(key))
+        return fmt_ci(metrics[s].get(key), (metrics[s].get("ci") or {}).get(key),
+                      (metrics[s].get("ci_na") or {}).get(key))
 
     lines.append(markdown_table(("split", "mIoU", "pixel acc", "mean class acc", "boundary mIoU", "ECE", "loss",
                                  "epoch"),
@@ -162,8 +163,9 @@ def model_card(run_dir: Path, cfg: DictConfig, model: nn.Module, fit: FitSummary
                                   scored(s, "boundary_miou"), metrics[s].get("ece"), metrics[s]["loss"],
                                   metrics[s].get("epoch")) for s in splits]))
     if any(metrics[s].get("ci") for s in splits):
-        lines += ["[lo, hi]: percentile bootstrap interval over the split's images (`stats.bootstrap` resamples, "
-                  "`stats.confidence`; per-image matrices in `per_image_<split>.npz`). ECE: top-label, 15 bins.", ""]
+        lines += ["[lo, hi]: bootstrap interval over the split's images (`ci_method` in `metrics.json`; per-image "
+                  "matrices in `per_image_<split>.npz`); n/a: no trustworthy interval, and why (`ci_na`). ECE: "
+                  "top-label, 15 bins.", ""]
     lines += ["Per-class IoU:", "",
               markdown_table(("class", *splits),
                              [(name, *(metrics[s]["per_class_iou"][k] for s in splits))
