@@ -33,3 +33,7 @@ class ExportError(SegvocError):
 
 class TrackerError(SegvocError):
     """An experiment tracker (MLflow, W&B) that cannot be reached or used as configured."""
+
+
+class StudyError(SegvocError):
+    """An Optuna study's storage that cannot be used as it is (a journal Optuna could not read, no file locks)."""
