@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from hydra.experimental.callback import Callback as HydraCallback
 
 
 class SignalAt(pl.Callback):
@@ -100,16 +99,3 @@ class RecordSeeds(pl.Callback):
 
         with open(self.path, "a") as f:
             f.write(f"{trainer.current_epoch} {batch_idx} {trainer.global_rank} {torch.initial_seed()}\n")
-
-
-# a multiprocessing.Barrier a test makes before it forks processes that load StartTogether
-START_BARRIER: Any = None
-
-
-class StartTogether(HydraCallback):
-    """Hydra callback (``+hydra.callbacks.x._target_=tests.helpers.StartTogether``, after the others): at the start
-    of a multirun, wait until every process forked by the test has got there (``START_BARRIER``), so their sweepers
-    start at the same moment instead of whenever their imports happen to finish."""
-
-    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
-        START_BARRIER.wait(timeout=120)

@@ -168,28 +168,57 @@ def _composed(tmp_path: Path, *overrides: str):
                        return_hydra_config=True)
 
 
-def _together(*targets) -> list[int | None]:
-    """Run each target in a process forked from this one, all released at once through tests.helpers.START_BARRIER
-    (waited on by the targets or by the StartTogether callback); their exit codes."""
+_BARRIER = None  # a multiprocessing.Barrier for the processes _together forks
+
+
+def _together(*targets, hold: Path | None = None) -> list[int | None]:
+    """Run each target in a process forked from this one; their exit codes. ``hold``: a study's trials lock, held
+    by this process until every target waits for it (read from /proc/locks), then released, so that they all
+    reach their first ask before any of them asks; else the targets may wait on ``_BARRIER`` to start together."""
+    import fcntl
     import multiprocessing
+    import time
 
-    from tests import helpers
-
+    global _BARRIER
     ctx = multiprocessing.get_context("fork")
-    helpers.START_BARRIER = ctx.Barrier(len(targets))
-    procs = [ctx.Process(target=target) for target in targets]
+    _BARRIER = ctx.Barrier(len(targets))
+    held = os.open(hold, os.O_RDWR | os.O_CREAT, 0o666) if hold else None
+
+    def run(target) -> None:
+        if held is not None:
+            os.close(held)  # this process's copy: else the lock stays held for as long as this process runs
+        target()
+
+    procs = [ctx.Process(target=run, args=(target,)) for target in targets]
     try:
+        if held is not None:
+            fcntl.flock(held, fcntl.LOCK_EX)
         for p in procs:
             p.start()
+        if held is not None:
+            deadline = time.monotonic() + 180
+            while _lock_waiters(hold) < len(targets):
+                assert time.monotonic() < deadline and all(p.is_alive() for p in procs), "never waited for the lock"
+                time.sleep(0.05)
+            os.close(held)
+            held = None
         for p in procs:
             p.join(timeout=300)
     finally:
+        if held is not None:
+            os.close(held)
         for p in procs:
             if p.is_alive():
                 p.kill()
                 p.join()
-        helpers.START_BARRIER = None
     return [p.exitcode for p in procs]
+
+
+def _lock_waiters(path: Path) -> int:
+    """How many processes wait for the flock on ``path`` (Linux: blocked requests are listed with "->")."""
+    inode = os.stat(path).st_ino
+    lines = Path("/proc/locks").read_text().splitlines()
+    return sum("->" in line.split() and line.split()[-3].endswith(f":{inode}") for line in lines)
 
 
 def _quick_search(argv: list[str]) -> None:
@@ -222,20 +251,20 @@ def _dead_pid() -> int:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="forks processes")
 def test_two_workers_started_at_once_take_n_trials_in_all_each_with_its_own_seed(tmp_path):
-    """Both sweepers start at the same moment (StartTogether, after the other callbacks) on one journal with
-    n_trials=4 and the random sampler: 4 trials, not 8; every trial records its worker's seed, one per worker and
-    different between them, so no point is drawn twice."""
+    """Two sweepers on one journal with n_trials=4 and the random sampler, both held at their first ask until both
+    are there: 4 trials, not 8; every trial records its worker's seed, one per worker and different between them,
+    so no point is drawn twice."""
     import optuna
 
     import segvoc.train  # noqa: F401 - imported here once, not in each forked process
     from segvoc.runs.optuna_study import OWNER_ATTR
-    from segvoc.runs.optuna_workers import SEED_ATTR
+    from segvoc.runs.optuna_workers import SEED_ATTR, trials_lock_path
 
     storage = f"journal:{tmp_path}/study.journal"
     argv = ["hparams_search=optuna", "hydra/sweeper/sampler=random", "hydra.sweeper.n_trials=4",
-            f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={tmp_path}/opt", f"paths.output_root={tmp_path}/out",
-            "+hydra.callbacks.start_together._target_=tests.helpers.StartTogether"]
-    assert _together(lambda: _quick_search(argv), lambda: _quick_search(argv)) == [0, 0]
+            f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={tmp_path}/opt", f"paths.output_root={tmp_path}/out"]
+    lock = trials_lock_path(storage, tmp_path / "opt")
+    assert _together(lambda: _quick_search(argv), lambda: _quick_search(argv), hold=lock) == [0, 0]
     study = _study(storage)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
     seeds: dict[str, set] = {}
@@ -259,7 +288,6 @@ def test_two_workers_started_at_once_requeue_a_stale_trial_once(tmp_path, hydra_
     from hydra_plugins.segvoc_optuna.segvoc_optuna_sweeper import search_space
     from segvoc.runs.optuna_study import OWNER_ATTR, OptunaStudy, open_storage
     from segvoc.runs.optuna_workers import RETRY_ATTR, trials_taken
-    from tests import helpers
 
     storage = f"journal:{tmp_path}/study.journal"
     cfg = _composed(tmp_path, f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=s")
@@ -269,7 +297,7 @@ def test_two_workers_started_at_once_requeue_a_stale_trial_once(tmp_path, hydra_
     stale.set_user_attr(OWNER_ATTR, f"{socket.gethostname()}:{_dead_pid()}")
 
     def start() -> None:
-        helpers.START_BARRIER.wait(timeout=60)
+        _BARRIER.wait(timeout=60)
         OptunaStudy().on_multirun_start(cfg)
 
     assert _together(start, start) == [0, 0]
@@ -311,7 +339,6 @@ def test_two_workers_open_a_torn_journal_at_once(tmp_path):
     import optuna
 
     from segvoc.runs.optuna_study import open_storage
-    from tests import helpers
 
     path = tmp_path / "study.journal"
     _journal_with_trials(path, 2)
@@ -319,7 +346,7 @@ def test_two_workers_open_a_torn_journal_at_once(tmp_path):
     path.write_bytes(torn)
 
     def work() -> None:
-        helpers.START_BARRIER.wait(timeout=60)
+        _BARRIER.wait(timeout=60)
         study = optuna.load_study(study_name="s", storage=open_storage(f"journal:{path}"))
         study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
 

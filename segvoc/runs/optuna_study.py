@@ -146,9 +146,12 @@ class OptunaStudy(Callback):
         if stored is not None and stored != now:
             print(refusal(study.study_name, stored, now), file=sys.stderr, flush=True)
             raise SystemExit(2)
-        with trials_lock(trials_lock_path(config.hydra.sweeper.storage, config.hydra.sweep.dir)):
-            requeued = requeue_stale(study)  # its sweep was killed: fail it, and try its parameters again
-            trials = study.get_trials(deepcopy=False)
+        trials, requeued = study.get_trials(deepcopy=False), []
+        if any(t.state == optuna.trial.TrialState.RUNNING and is_stale(t) for t in trials):
+            # its sweep was killed: fail it and try its parameters again, once (looked at again holding the lock)
+            with trials_lock(trials_lock_path(config.hydra.sweeper.storage, config.hydra.sweep.dir)):
+                requeued = requeue_stale(study)
+                trials = study.get_trials(deepcopy=False)
         taken = trials_taken(trials)
         running = sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
         total = int(config.hydra.sweeper.n_trials)
