@@ -279,15 +279,16 @@ def test_two_workers_started_at_once_take_n_trials_in_all_each_with_its_own_seed
 
 @pytest.mark.skipif(sys.platform != "linux", reason="forks processes")
 def test_two_workers_started_at_once_requeue_a_stale_trial_once(tmp_path, hydra_config_kept):
-    """A trial left RUNNING by a sweeper that is gone; two launches start at the same moment: one fails it and
-    queues its parameters again, the other finds that done (no second copy, no error)."""
+    """A trial left RUNNING by a sweeper that is gone; two launches both see it and wait for the study's lock to
+    re-queue it: one fails it and queues its parameters again, the other finds that done (no second copy, no
+    error)."""
     import socket
 
     import optuna
 
     from hydra_plugins.segvoc_optuna.segvoc_optuna_sweeper import search_space
     from segvoc.runs.optuna_study import OWNER_ATTR, OptunaStudy, open_storage
-    from segvoc.runs.optuna_workers import RETRY_ATTR, trials_taken
+    from segvoc.runs.optuna_workers import RETRY_ATTR, trials_lock_path, trials_taken
 
     storage = f"journal:{tmp_path}/study.journal"
     cfg = _composed(tmp_path, f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=s")
@@ -297,10 +298,9 @@ def test_two_workers_started_at_once_requeue_a_stale_trial_once(tmp_path, hydra_
     stale.set_user_attr(OWNER_ATTR, f"{socket.gethostname()}:{_dead_pid()}")
 
     def start() -> None:
-        _BARRIER.wait(timeout=60)
         OptunaStudy().on_multirun_start(cfg)
 
-    assert _together(start, start) == [0, 0]
+    assert _together(start, start, hold=trials_lock_path(storage, tmp_path)) == [0, 0]
     trials = _study(storage).trials
     state = optuna.trial.TrialState
     assert trials[stale.number].state == state.FAIL
