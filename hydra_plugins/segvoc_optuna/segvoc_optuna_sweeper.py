@@ -186,10 +186,18 @@ class SegvocOptunaSweeper(Sweeper):
         return trials
 
     def sweep(self, arguments: list[str]) -> None:
+        from segvoc.errors import SegvocError
+
+        try:
+            self._sweep(arguments)
+        except SegvocError as exc:  # a study's storage that cannot be used (segvoc.errors.StudyError): one line
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+
+    def _sweep(self, arguments: list[str]) -> None:
         import optuna
 
         from segvoc.config import search_definition
-        from segvoc.errors import SegvocError
         from segvoc.runs.optuna_study import TRIAL_ENV, open_storage, refusal
         from segvoc.runs.optuna_workers import trials_lock_path
 
@@ -197,11 +205,7 @@ class SegvocOptunaSweeper(Sweeper):
         space, fixed = search_space(params + list(arguments))
         for name in fixed:
             space.pop(name, None)
-        try:
-            storage = open_storage(self.storage_url)
-        except SegvocError as exc:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-            raise SystemExit(2) from None
+        storage = open_storage(self.storage_url)
         pruner = instantiate(self.pruner_cfg) if self.pruner_cfg else optuna.pruners.NopPruner()
         study = optuna.create_study(study_name=self.study_name, storage=storage, direction=self.direction,
                                     pruner=pruner, load_if_exists=True)
