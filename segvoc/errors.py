@@ -49,3 +49,7 @@ class UntrustedConfigError(SegvocError):
 
 class MissingExtraError(SegvocError):
     """A command needs an optional extra (``pip install 'segvoc[NAME]'``) that is not installed."""
+
+
+class StudyError(SegvocError):
+    """An Optuna study's storage that cannot be used as it is (a journal Optuna could not read, no file locks)."""

@@ -5,15 +5,18 @@ b))``, ``choice(x, y)``, ``range(a, b, step)``), as in hydra-optuna-sweeper 1.3,
 
 - ``storage``: an Optuna RDB URL (``sqlite:///...``, ``postgresql://...``) or ``journal:<file>`` (Optuna's journal
   file storage: a study on a shared file system, without a database server);
-- the sampler's seed is advanced by the number of trials the study already holds, so a continued study samples new
-  points instead of repeating the first launch's;
+- ``n_trials`` is the study's total, over every launch and every sweeper process sharing the study (finished and
+  running trials), counted and asked for under a lock the processes share (``segvoc.runs.optuna_workers``);
+- the sampler's seed is advanced by the number of trials the study has handed out when this process asks its first
+  one, so a continued study samples new points instead of repeating the first launch's, and workers started at once
+  sample different ones;
 - the study records its definition (``segvoc.config.search_definition``); a launch whose definition differs is
   refused in one line;
 - ``pruner``: trials report ``val/<optimized_metric>`` every epoch (``segvoc.runs.optuna_study.OptunaPruning``); a
   pruned trial is told to Optuna as PRUNED.
 
-The study bookkeeping that is not the search itself (continuing to ``n_trials`` in total, re-queueing trials left
-RUNNING, ``optuna_best.yaml``) is the Hydra callback ``segvoc.runs.optuna_study.OptunaStudy``.
+The study bookkeeping that is not the search itself (re-queueing trials left RUNNING, ``optuna_best.yaml``) is the
+Hydra callback ``segvoc.runs.optuna_study.OptunaStudy``.
 """
 
 # no `from __future__ import annotations`: Hydra loads plugin modules outside sys.modules, where dataclasses
@@ -50,7 +53,7 @@ class SegvocOptunaSweeperConf:
     direction: str = "maximize"
     storage: Any = None      # sqlite:///..., postgresql://..., journal:<file>
     study_name: Any = None
-    n_trials: int = 20
+    n_trials: int = 20      # the study's total, over every launch and every worker
     n_jobs: int = 1
     params: Any = None       # parameter -> Hydra sweep (interval, tag(log, interval), choice, range)
 
@@ -136,6 +139,9 @@ class SegvocOptunaSweeper(Sweeper):
         self.direction, self.storage_url, self.study_name = str(direction), storage, study_name
         self.n_trials, self.n_jobs = int(n_trials), max(1, int(n_jobs))
         self.params = params or {}
+        self.lock_path: Path | None = None    # the study's trials lock (set by sweep)
+        self.worker_sampler: Any = None       # this process's sampler, made at its first ask
+        self.seed: int | None = None          # its seed
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
@@ -143,19 +149,56 @@ class SegvocOptunaSweeper(Sweeper):
         self.launcher = Plugins.instance().instantiate_launcher(config=config, hydra_context=hydra_context,
                                                                 task_function=task_function)
 
-    def _sampler(self, space: dict[str, Any], n_done: int) -> Any:
+    def _sampler(self, space: dict[str, Any], trials: list[Any]) -> tuple[Any, int | None]:
+        """This worker's sampler and its seed (None: unseeded), made just before its first ask, holding the trials
+        lock (``segvoc.runs.optuna_workers.worker_seed``: every worker of a study gets its own seed, and a
+        continued study draws new points instead of the first launch's)."""
+        from segvoc.runs.optuna_workers import worker_seed
+
         cfg = OmegaConf.to_container(self.sampler_cfg, resolve=True) if isinstance(self.sampler_cfg, DictConfig) \
             else dict(self.sampler_cfg or {"_target_": "optuna.samplers.TPESampler"})
         if cfg.get("seed") is not None:
-            cfg["seed"] = int(cfg["seed"]) + n_done  # a continued study draws new points (not the first launch's)
+            cfg["seed"] = worker_seed(int(cfg["seed"]), trials)
         if cfg["_target_"].endswith("GridSampler"):
-            return instantiate(cfg, search_space=_grid(space))
-        return instantiate(cfg)
+            return instantiate(cfg, search_space=_grid(space)), cfg.get("seed")
+        return instantiate(cfg), cfg.get("seed")
+
+    def _claim(self, study: Any, space: dict[str, Any], total: int) -> list[Any]:
+        """Ask for this worker's next trials (up to ``n_jobs``) while the study has fewer than ``total`` taken
+        (running or finished, ``trials_taken``); [] once it has them all. Counting and asking is one step across
+        processes (the study's trials lock), so two workers never both take the last trial."""
+        from segvoc.runs.optuna_study import OWNER_ATTR, owner
+        from segvoc.runs.optuna_workers import SEED_ATTR, trials_lock, trials_taken
+
+        with trials_lock(self.lock_path):
+            handed = study.get_trials(deepcopy=False)
+            free = total - trials_taken(handed)
+            if free <= 0:
+                return []
+            if self.worker_sampler is None:  # this worker's first ask
+                self.worker_sampler, self.seed = self._sampler(space, handed)
+                study.sampler = self.worker_sampler
+                log.info("study %s: sampler %s, seed %s", study.study_name, type(study.sampler).__name__, self.seed)
+            trials = [study.ask(space) for _ in range(min(free, self.n_jobs))]
+            for t in trials:  # who runs it (a later launch re-queues it only if this process is gone), and its seed
+                t.set_user_attr(OWNER_ATTR, owner())
+                t.set_user_attr(SEED_ATTR, self.seed)
+        return trials
 
     def sweep(self, arguments: list[str]) -> None:
+        from segvoc.errors import SegvocError
+
+        try:
+            self._sweep(arguments)
+        except SegvocError as exc:  # a study's storage that cannot be used (segvoc.errors.StudyError): one line
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+
+    def _sweep(self, arguments: list[str]) -> None:
         from segvoc.config import search_definition
         from segvoc.extras import require
-        from segvoc.runs.optuna_study import OWNER_ATTR, TRIAL_ENV, open_storage, owner, refusal
+        from segvoc.runs.optuna_study import TRIAL_ENV, open_storage, refusal
+        from segvoc.runs.optuna_workers import trials_lock_path
 
         optuna = require("sweep", "hydra/sweeper=segvoc_optuna")
 
@@ -174,17 +217,13 @@ class SegvocOptunaSweeper(Sweeper):
         elif stored != json.loads(json.dumps(definition)):
             print(refusal(study.study_name, stored, definition), file=sys.stderr, flush=True)
             raise SystemExit(2)
-        study.sampler = self._sampler(space, len(study.trials))
-        log.info("study %s (%s), sampler %s, pruner %s", study.study_name, self.storage_url,
-                 type(study.sampler).__name__, type(pruner).__name__)
-        to_go = self.n_trials
-        if study.sampler.__class__.__name__ == "GridSampler":
-            to_go = min(to_go, math.prod(len(v) for v in _grid(space).values()))
-        while to_go > 0:
-            batch = min(to_go, self.n_jobs)
-            trials = [study.ask(space) for _ in range(batch)]
-            for t in trials:  # who runs it: a later launch re-queues it only if this process is gone
-                t.set_user_attr(OWNER_ATTR, owner())
+        self.lock_path = trials_lock_path(self.storage_url, str(self.config.hydra.sweep.dir))
+        total = self.n_trials  # the study's, over every launch and worker
+        if str((self.sampler_cfg or {}).get("_target_", "")).endswith("GridSampler"):
+            total = min(total, math.prod(len(v) for v in _grid(space).values()))
+        log.info("study %s (%s): %d trials in total, pruner %s", study.study_name, self.storage_url, total,
+                 type(pruner).__name__)
+        while trials := self._claim(study, space, total):
             # the job finds its trial (for pruning) through its environment: study, storage, trial number
             env = {"SEGVOC_OPTUNA_STUDY": study.study_name, "SEGVOC_OPTUNA_STORAGE": str(self.storage_url or "")}
             overrides = [tuple(f"{k}={v}" for k, v in {**t.params, **fixed}.items())
@@ -197,7 +236,6 @@ class SegvocOptunaSweeper(Sweeper):
                 returns += self.launcher.launch(overrides[start:end], initial_job_idx=trials[start].number)
             for trial, ret in zip(trials, returns, strict=True):
                 _tell(study, trial, ret)
-            to_go -= batch
 
 
 def _quoted(value: str) -> str:

@@ -3,9 +3,10 @@
 
 The study lives in SQLite in its sweep directory (``hydra.sweeper.storage``; any Optuna RDB URL works, e.g.
 ``postgresql://...`` for several nodes, and ``journal:<file>`` for a shared file system without a database server).
-This Hydra callback makes running the same command again continue the study up to ``hydra.sweeper.n_trials``
-trials in total; a trial left RUNNING by a killed sweep (its sweeper process, on this host, is gone) is marked failed
-and its parameters are queued again. A
+``hydra.sweeper.n_trials`` is the study's total, over every launch and every sweeper process sharing it (finished
+and running trials; the sweeper counts them, ``segvoc.runs.optuna_workers``): running the same command again
+continues the study up to it, and so do several copies started at once. This Hydra callback fails a trial left
+RUNNING by a killed sweep (its sweeper process, on this host, is gone) and queues its parameters again, once. A
 study whose definition (overrides and search space) differs from this launch's is refused in one line. Each job is
 numbered by its trial (``hydra.job.num`` = the trial's number, set by the sweeper), so trials of different launches,
 or of several processes sharing one study, never share a directory. At the end the best trial is written to
@@ -27,9 +28,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf
 
 from segvoc.config import search_definition
+from segvoc.errors import SegvocError
+from segvoc.runs.optuna_workers import RETRY_ATTR, storage_file, trials_lock, trials_lock_path, trials_taken
 from segvoc.extras import require
 from segvoc.utils import atomic_write_text
 
@@ -68,16 +71,14 @@ class PrunedRun(Exception):
 
 def open_storage(url: str | None) -> Any:
     """An Optuna storage from ``hydra.sweeper.storage``: ``journal:<file>`` (Optuna's journal file storage) or an
-    RDB URL (``sqlite:///...``, ``postgresql://...``); None: no storage (in memory)."""
+    RDB URL (``sqlite:///...``, ``postgresql://...``); None: no storage (in memory). A journal Optuna could not
+    read raises ``StudyError``."""
     if not url:
         return None
-    if str(url).startswith("journal:"):
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
+    if str(url).startswith("journal:"):  # appends repair a torn last record
+        from segvoc.runs.optuna_journal import open_journal
 
-        path = Path(str(url)[len("journal:"):]).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
+        return open_journal(storage_file(url))
     return str(url)
 
 
@@ -103,10 +104,33 @@ def _study(config: DictConfig) -> Any:
         return None
 
 
+def requeue_stale(study: Any) -> list[int]:
+    """Fail each RUNNING trial whose sweeper process is gone (``is_stale``) and queue its parameters again, as its
+    retry (``RETRY_ATTR``); the numbers of the trials failed. Called holding the study's trials lock: a second
+    worker then finds them failed already and queues nothing."""
+    import optuna
+
+    state = optuna.trial.TrialState
+    stale = [t for t in study.get_trials(deepcopy=False, states=(state.RUNNING,)) if is_stale(t)]
+    for t in stale:
+        study.tell(t.number, state=state.FAIL)
+        study.enqueue_trial(t.params, user_attrs={RETRY_ATTR: t.number})
+    return [t.number for t in stale]
+
+
 class OptunaStudy(Callback):
-    """Continue a stored study to ``n_trials`` in total; write and print the best trial at the end."""
+    """Check that a stored study is continued with its own definition, re-queue its interrupted trials; write and
+    print the best trial at the end. ``hydra.sweeper.n_trials`` is the study's total, over every launch and every
+    worker (the sweeper counts it)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            self._start(config)
+        except SegvocError as exc:  # Hydra turns a callback's exception into a warning: refuse here
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+
+    def _start(self, config: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
 
         optuna = require("sweep", "hparams_search=optuna")
@@ -124,18 +148,19 @@ class OptunaStudy(Callback):
         if stored is not None and stored != now:
             print(refusal(study.study_name, stored, now), file=sys.stderr, flush=True)
             raise SystemExit(2)
-        trials = study.trials
-        stale = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING and is_stale(t)]
-        for t in stale:  # its sweep was killed: fail it, and try its parameters again
-            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-            study.enqueue_trial(t.params)
-        done = sum(t.state.is_finished() for t in trials)  # counted before the stale ones were failed
+        trials, requeued = study.get_trials(deepcopy=False), []
+        if any(t.state == optuna.trial.TrialState.RUNNING and is_stale(t) for t in trials):
+            # its sweep was killed: fail it and try its parameters again, once (looked at again holding the lock)
+            with trials_lock(trials_lock_path(config.hydra.sweeper.storage, config.hydra.sweep.dir)):
+                requeued = requeue_stale(study)
+                trials = study.get_trials(deepcopy=False)
+        taken = trials_taken(trials)
+        running = sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
         total = int(config.hydra.sweeper.n_trials)
-        with read_write(config.hydra), open_dict(config.hydra):
-            config.hydra.sweeper.n_trials = max(0, total - done)
-        print(f"optuna study {study.study_name!r}: {done} of {total} trials done"
-              + (f", {len(stale)} interrupted trial(s) queued again" if stale else "")
-              + f"; running {config.hydra.sweeper.n_trials} more", flush=True)
+        print(f"optuna study {study.study_name!r}: {taken - running} of {total} trials done"
+              + (f", {running} running in other processes" if running else "")
+              + (f", {len(requeued)} interrupted trial(s) queued again" if requeued else "")
+              + f"; running {max(0, total - taken)} more", flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         import optuna
@@ -185,8 +210,8 @@ class OptunaPruning(pl.Callback):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # (not on_validation_epoch_end: callbacks run it before the task logs this epoch's val/miou)
-        if trainer.sanity_checking or os.environ.get(TRIAL_ENV) is None:
-            return
+        if trainer.sanity_checking or trainer.state.fn != "fit" or os.environ.get(TRIAL_ENV) is None:
+            return  # (the final scoring of the best checkpoint runs validation too: not an epoch to report)
         prune = False
         if self._trial is not None and self.monitor in trainer.callback_metrics:
             self._trial.report(float(trainer.callback_metrics[self.monitor]), step=trainer.current_epoch)

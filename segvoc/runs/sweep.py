@@ -80,14 +80,17 @@ def summarize(sweep_dir: Path) -> dict[str, Any]:
     ok, pruned, running, failed = [], [], [], {}
     for job in job_dirs(sweep_dir):
         name = job.relative_to(sweep_dir).as_posix()
-        if (job / PRUNED_MARKER).is_file():
+        # a job's files come before its trial's result: reading the trial first, a job that ends meanwhile is seen
+        # with its files below (read the other way round, it looked unfinished and no longer running: failed)
+        if not any((job / f).is_file() for f in (PRUNED_MARKER, FAILED_MARKER, "metrics.json")) \
+                and _running_elsewhere(job):
+            running.append(name)
+        elif (job / PRUNED_MARKER).is_file():
             pruned.append(name)
         elif (job / FAILED_MARKER).is_file():
             failed[name] = json.loads((job / FAILED_MARKER).read_text())["error"]
         elif (job / "metrics.json").is_file():
             ok.append(name)
-        elif _running_elsewhere(job):
-            running.append(name)
         else:
             failed[name] = "no metrics.json (killed or still running?)"
     summary = {"ok": ok, "pruned": pruned, "running": running, "failed": failed}
@@ -131,6 +134,9 @@ class SweepSummary(Callback):
     after it, print which jobs finished and which failed (and why); exit code 1 when any job failed."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        HydraConfig.instance().set_config(config)  # Hydra sets it per job only; hydra.sweep.dir may use ${hydra:...}
         try:
             refuse_conflicting_jobs(config)
         except ConfigError as exc:
