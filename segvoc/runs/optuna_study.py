@@ -32,8 +32,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from segvoc.config import search_definition
 from segvoc.errors import SegvocError
-from segvoc.runs.optuna_workers import RETRY_ATTR, storage_file, trials_lock, trials_lock_path, trials_taken
 from segvoc.extras import require
+from segvoc.runs.optuna_workers import RETRY_ATTR, storage_file, trials_lock, trials_lock_path, trials_taken
 from segvoc.utils import atomic_write_text
 
 log = logging.getLogger("segvoc.optuna")
