@@ -28,21 +28,25 @@ def test_bench_writes_every_key(tmp_path):
     loader = data["loader"]
     null = data["overhead"]["null"]
     assert all(null[k] > 0 for k in ("plain_ms", "lightning_floor_ms", "segvoc_ms"))
-    assert null["lightning_floor_ms"] > null["plain_ms"]  # Lightning's loop costs more than none
     assert null["steps"] == 4 * 2
     assert {"source_size", "img_s", "workers", "img_s_per_worker", "decode_share", "img_s_decode_cache",
             "decode_cache_speedup", "img_s_device_augment", "device_augment_speedup",
             "img_s_decode_cache_device_augment", "decode_cache_device_augment_speedup",
             "device_augment_cpu_ms_per_image"} <= set(loader)
-    assert loader["img_s_device_augment"] > 0 and loader["device_augment_cpu_ms_per_image"] > 0
-    assert loader["img_s"] > 0 and loader["img_s_per_worker"] > 0 and 0 <= loader["decode_share"] <= 1
+    # each derived figure is the quotient its name says (timings themselves are never asserted: make bench)
+    per_worker = loader["img_s"] / loader["workers"] if loader["workers"] else loader["img_s_one_process"]
+    assert loader["img_s_per_worker"] == pytest.approx(per_worker)
+    for key in ("decode_cache", "device_augment", "decode_cache_device_augment"):
+        assert loader[f"{key}_speedup"] == pytest.approx(loader[f"img_s_{key}_one_process"] /
+                                                          loader["img_s_one_process"]), key
+    assert 0 < loader["decode_share"] <= 1 and loader["device_augment_cpu_ms_per_image"] > 0
     # FLOPs are counted, not timed: the README's figures at 320x320 (16.1 and 27.6 GFLOP per training image)
     gflop = {"fcn_baseline": 16.1, "resnet34_transfer": 27.6}
     for name in ("fcn_baseline", "resnet34_transfer"):
         row = data["models"][name]
         assert set(row) >= MODEL_KEYS and row["steps"] == 3
         assert row["plain_train_img_s"] > 0 and row["task_train_img_s"] > 0 and row["peak_mem_mb"] >= 0
-        assert 0 < row["ratio"] < 10 and row["ratio_spread"] >= 0
+        assert row["ratio_spread"] >= 0  # half the interquartile range of the per-step ratios
         assert row["train_gflop_per_img"] == pytest.approx(gflop[name], abs=0.05)
         # GFLOP/s at the measured 32x32 size: img/s x GFLOP per image scaled from 320x320 by the pixel count
         assert row["achieved_gflop_s"] == pytest.approx(row["task_train_img_s"] * gflop[name] / 100, rel=5e-3)

@@ -454,12 +454,12 @@ def test_report_prediction_grid_has_column_titles_legend_and_the_run_label(train
 
     drawn = []
     monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: drawn.append(fig))
-    run = Run(trained_run, json.loads((trained_run / "metrics.json").read_text()), {"name": "4a_baseline"})
-    assert predictions_png(run, 2, tmp_path / "p.png", title="loss=dice, seed 1")
+    run = Run(trained_run, json.loads((trained_run / "metrics.json").read_text()), {"name": "4a_baseline", "seed": 1})
+    assert predictions_png(run, 2, tmp_path / "p.png")
     fig = drawn[0]
-    assert fig.get_suptitle() == f"loss=dice, seed 1 ({trained_run.name}): validation images"
+    assert fig.get_suptitle() == f"4a_baseline, seed 1 ({trained_run.name}): validation images"
     assert [ax.get_title() for ax in fig.axes[:4]] == list(PANELS) and len(fig.axes) == 8
-    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    legend = [t.get_text().removesuffix(" (outlined)") for t in fig.legends[0].get_texts()]
     shown = set()  # the classes in the truths and predictions drawn (panels 1 and 2 of each row, figure colours)
     colours = {class_color(c): name for c, name in enumerate(VOC_CLASSES)}
     for ax in fig.axes[1::4] + fig.axes[2::4]:

@@ -41,7 +41,7 @@ def test_prediction_figure_has_column_titles_title_and_a_legend_of_the_classes_s
     assert [ax.get_title() for ax in axes[0]] == list(PANELS)
     assert fig.get_suptitle() == "4a_baseline, seed 0 (run 3)"
     assert [ax.get_ylabel() for ax in axes[:, 0]] == ["a", "b"]
-    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["background", "cat", "person", "void (255)"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["background", "cat (outlined)", "person", "void (255)"]
     # an all-background prediction is drawn grey, not as a black (missing-looking) panel; every panel outlined
     shown = np.asarray(axes[0, 2].images[0].get_array())
     assert (shown == FIGURE_BACKGROUND).all() and not (shown == 0).all(-1).any()
@@ -124,3 +124,51 @@ def test_gallery_run_is_the_best_run_of_the_best_group(tmp_path, broken_best):
     group, run = gallery_run(groups)
     # group b has the higher mean; its best run is b1, unless b1 lacks the files (then b0, the only usable one)
     assert (group.label, run.name) == ("b", "b0" if broken_best else "b1")
+
+
+def test_dark_classes_are_outlined_in_the_panels_and_say_so_in_the_legend():
+    """Aeroplane (128, 0, 0) and cat (64, 0, 0) look alike: their regions get a white outline in the truth and
+    prediction panels, light classes none, and the legend marks them."""
+    from segvoc.evaluation.figures import is_dark
+
+    image = np.full((20, 24, 3), 90, np.uint8)
+    truth = np.zeros((20, 24), np.uint8)
+    truth[2:8, 2:10], truth[10:16, 12:20] = 1, 8  # aeroplane, cat
+    pred = truth.copy()
+    pred[10:16, 12:20] = 15  # person (a light colour) where the cat is
+    fig = prediction_figure([(image, truth, pred)], "t", class_names=VOC_CLASSES)
+    assert is_dark(VOC_COLORMAP[1]) and is_dark(VOC_COLORMAP[8]) and not is_dark(VOC_COLORMAP[15])
+    axes = fig.axes[:4]
+    outlined = [len(ax.collections) for ax in axes]  # a contour set per dark class present in the panel
+    assert outlined == [0, 2, 1, 0], outlined  # truth: aeroplane + cat; prediction: aeroplane; image, overlay: none
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["background", "aeroplane (outlined)", "cat (outlined)", "person"]
+
+
+def test_report_figures_name_the_experiment_and_the_run_and_keep_the_legend_off_the_curves(tmp_path, monkeypatch):
+    """A report of one run without a seed override: titles name the experiment, the seed and the run's folder,
+    never "all runs, seed -"; the loss plot's legend lies outside its axes."""
+    from matplotlib.figure import Figure
+    from torch.utils.tensorboard import SummaryWriter
+
+    from segvoc.reporting.study import Run, figure_title, loss_curve_png
+
+    run_dir = tmp_path / "2026-12-03_10-00-00_4a_baseline_ab12cd"
+    w = SummaryWriter(str(run_dir / "tb"))
+    for epoch in range(6):  # curves that run through the whole axes
+        w.add_scalar("train/loss_epoch", 2.0 - 0.3 * epoch, epoch)
+        w.add_scalar("val/loss", 2.1 - 0.3 * epoch, epoch)
+        w.add_scalar("val/miou", 0.1 + 0.15 * epoch, epoch)
+    w.close()
+    run = Run(run_dir, {}, {"name": "4a_baseline", "seed": 42})
+    assert figure_title(run, "all runs") == f"4a_baseline, seed 42 ({run_dir.name})"
+    assert figure_title(run, "loss=dice") == f"4a_baseline, loss=dice, seed 42 ({run_dir.name})"
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: drawn.append(fig))
+    assert loss_curve_png(run, tmp_path / "loss.png")
+    fig = drawn[0]
+    fig.canvas.draw()  # (Agg) positions known
+    ax = fig.axes[0]
+    assert "all runs" not in ax.get_title() and "seed -" not in ax.get_title()
+    legend = ax.get_legend().get_window_extent()
+    assert not legend.overlaps(ax.get_window_extent()), "the legend covers the plot"

@@ -275,15 +275,29 @@ def test_cached_features_do_not_depend_on_batch_mates(tmp_path, mixed_root):
     assert cache.nbytes() == sum(f.numel() * 4 for f in cache.features.values())
 
 
-def test_cached_features_smoke_run_on_mixed_sizes(tmp_path, mixed_root):
-    """0.3 crashed in epoch 2 (``stack expects each tensor to be equal size``) on mixed sizes with workers."""
+def test_cached_features_smoke_run_on_mixed_sizes(tmp_path, mixed_root, monkeypatch):
+    """0.3 crashed in epoch 2 (``stack expects each tensor to be equal size``) on mixed sizes with workers. Every
+    training step of the 3 epochs goes through the cache, and each training image is encoded once, however many
+    epochs see it."""
+    from segvoc.engine.feature_cache import FeatureCache
     from segvoc.train import train
     from tests.conftest import make_cfg
 
+    steps, encoded = [], []
+    logits = FeatureCache.logits
+
+    def spy(self, images, ids, sizes=None):
+        encoded.extend(i for i in ids if i not in self.features)
+        steps.append(list(ids))
+        return logits(self, images, ids, sizes)
+
+    monkeypatch.setattr(FeatureCache, "logits", spy)
     cfg = make_cfg(tmp_path, "data=synthetic", "debug=smoke", "data.image_size=64", "data.synthetic=null",
                    "model=resnet34_transfer", "model.weights=none", "model.cache_features=true", "augment=none",
                    "data.batch_size=3", "data.num_workers=2", "trainer.max_epochs=3", data_root=mixed_root)
     metrics = train(cfg)
+    assert len(steps) == 3 * 2  # 8 training images, batches of 3, the last partial one dropped: 2 steps an epoch
+    assert len(encoded) == len(set(encoded)) == len({i for ids in steps for i in ids}) > 3
     assert 0 <= metrics["test"]["miou"] <= 1
 
 

@@ -40,6 +40,15 @@ def class_color(c: int) -> tuple[int, int, int]:
     return FIGURE_BACKGROUND if c == 0 else tuple(int(v) for v in VOC_COLORMAP[c])
 
 
+DARK = 0.3  # relative luminance below which a class colour is hard to tell from another dark one (aeroplane, cat)
+
+
+def is_dark(color: Sequence[int]) -> bool:
+    """Whether an RGB colour (0-255) is dark enough to be outlined in white in the figures (``DARK``)."""
+    r, g, b = (float(v) / 255 for v in color)
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b < DARK
+
+
 def legend_classes(masks: Sequence[np.ndarray], num_classes: int = len(VOC_CLASSES)) -> list[int]:
     """The classes appearing in any of ``masks``, in class order; 255 (void) last when some mask holds it."""
     present: set[int] = set()
@@ -62,7 +71,8 @@ def prediction_figure(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
     """One row per (image, truth, prediction): image | truth | prediction | overlay, each resized to ``width``
     pixels wide; column titles on top, ``row_titles`` at the left, ``title`` above, and below a legend of the
     classes appearing in the truths and predictions shown (``legend_classes``). Panels are outlined, background is
-    pale blue-grey (``FIGURE_BACKGROUND``)."""
+    pale blue-grey (``FIGURE_BACKGROUND``); the regions of dark classes (``is_dark``) are outlined in white in the
+    truth and prediction panels, and say so in the legend."""
     from matplotlib.patches import Patch
 
     rows = [_resized(*r, width) for r in rows]
@@ -70,10 +80,16 @@ def prediction_figure(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
     panel = 2.2  # inches per panel width
     fig = Figure(figsize=(4 * panel + (1.4 if row_titles else 0.2), panel * sum(heights) + 1.4), layout="constrained")
     axes = fig.subplots(len(rows), 4, squeeze=False, gridspec_kw={"height_ratios": heights})
+    shown = legend_classes([m for _, t, p in rows for m in (t, p)], len(class_names))
+    dark = [c for c in shown if c != IGNORE_INDEX and is_dark(class_color(c))]
     for r, (image, truth, pred) in enumerate(rows):
-        for ax, picture in zip(axes[r], (image, figure_colors(truth), figure_colors(pred), overlay(image, pred)),
-                               strict=True):
+        for k, (ax, picture) in enumerate(zip(axes[r], (image, figure_colors(truth), figure_colors(pred),
+                                                       overlay(image, pred)), strict=True)):
             ax.imshow(picture, interpolation="nearest")
+            for c in dark if k in (1, 2) else ():  # dark classes outlined in white: aeroplane is not cat
+                region = (truth if k == 1 else pred) == c
+                if region.any():
+                    ax.contour(region, levels=[0.5], colors="white", linewidths=0.8)
             ax.set_xticks([])
             ax.set_yticks([])
             for spine in ax.spines.values():
@@ -83,8 +99,9 @@ def prediction_figure(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
     for ax, name in zip(axes[0], PANELS, strict=True):
         ax.set_title(name, fontsize=10)
     names = {**dict(enumerate(class_names)), IGNORE_INDEX: VOID_NAME}
-    shown = legend_classes([m for _, t, p in rows for m in (t, p)], len(class_names))
-    handles = [Patch(facecolor=np.array(class_color(c)) / 255, edgecolor="0.2", label=names[c]) for c in shown]
+    handles = [Patch(facecolor=np.array(class_color(c)) / 255, label=names[c] + (" (outlined)" if c in dark else ""),
+                     edgecolor="white" if c in dark else "0.2", linewidth=1.5 if c in dark else 0.8)
+               for c in shown]
     if handles:
         fig.legend(handles=handles, loc="outside lower center", ncol=min(6, len(handles)), fontsize=8,
                    frameon=False)

@@ -51,6 +51,11 @@ class Run:
     def experiment(self) -> str:
         return str(self.cfg.get("name") or self.path.name)
 
+    @property
+    def seed(self) -> Any:
+        """The run's seed (its stored config), None when unknown."""
+        return self.cfg.get("seed")
+
     def group(self, key: str) -> str:
         """The option the run picked in config group ``key``."""
         return str((self.cfg.get("choices") or {}).get(key) or "-")
@@ -95,7 +100,18 @@ def _run_fields(run: Path) -> dict[str, Any]:
     else:
         choices = {g: OmegaConf.select(cfg, f"{g}.name", throw_on_resolution_failure=False) for g in REPORT_GROUPS}
     name = cfg.get("name") if "name" in cfg and not OmegaConf.is_interpolation(cfg, "name") else None
-    return {"name": name or choices.get("experiment") or choices.get("model"), "choices": choices}
+    return {"name": name or choices.get("experiment") or choices.get("model"), "choices": choices,
+            "seed": cfg.get("seed")}
+
+
+def figure_title(run: Run, group: str | None = None) -> str:
+    """A figure's title: the experiment, what sets the run's group apart (``group``, when it says more than the
+    run), its seed, and its folder."""
+    parts = [run.experiment]
+    if group and group not in ("all runs", run.label, run.experiment):
+        parts.append(group)
+    parts.append(f"seed {run.seed}" if run.seed is not None else "seed unknown")
+    return ", ".join(parts) + f" ({run.label})"
 
 
 def read_scalars(run_dir: Path, tags: Sequence[str]) -> dict[str, list[float]]:
@@ -137,11 +153,13 @@ def loss_curve_png(run: Run, path: Path, title: str | None = None) -> bool:
         right.set_ylim(0, 1)
         more = right.get_legend_handles_labels()
         handles, labels = handles + more[0], labels + more[1]
-    ax.set_title(title or f"{run.experiment} ({run.label})")
-    ax.legend(handles, labels, fontsize=8)
+    ax.set_title(title or figure_title(run))
+    # below the axes, never over the curves
+    ax.legend(handles, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=len(labels),
+              frameon=False)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     return True
 
 
@@ -155,7 +173,7 @@ def confusion_png(run: Run, split: str, path: Path) -> bool:
     mats = json.loads(f.read_text())
     if split not in mats:
         split = next(iter(mats))
-    fig = confusion_figure(np.array(mats[split]), title=f"{run.experiment} ({split}, row-normalised)")
+    fig = confusion_figure(np.array(mats[split]), title=f"{figure_title(run)}: {split}, row-normalised")
     fig.savefig(path, dpi=110)
     return True
 
@@ -172,7 +190,7 @@ def predictions_png(run: Run, num_images: int, path: Path, device: str = "cpu", 
     for k in range(min(num_images, len(ds))):
         image, truth = ds.load(k)
         rows.append((image, truth, predict(image)))
-    label = f"{title or run.experiment} ({run.label}): validation images"
+    label = f"{title or figure_title(run)}: validation images"
     prediction_figure(rows, label, class_names=VOC_CLASSES[: int(cfg.data.num_classes)]).savefig(path, dpi=100)
     return True
 
@@ -342,8 +360,8 @@ def build_report(sweep: str | Sequence[str], output: Path, published: dict[str, 
                          **{f"iou_{c}": fmt(v, 6) for c, v in zip(VOC_CLASSES, per_class, strict=False)}})
     atomic_write_text(output / "results.csv", buf.getvalue())
     figures = []
-    titles = {run: f"{g.label}, seed {seed if seed is not None else '-'}"
-              for g in groups for run, seed in zip(g.runs, g.seeds, strict=True)}
+    labels = {run: g.label for g in groups for run in g.runs}
+    titles = {r.path: figure_title(r, labels.get(r.path)) for r in runs}
     for r in runs:
         for suffix, make in (("loss", lambda r, p: loss_curve_png(r, p, titles.get(r.path))),
                              ("confusion", lambda r, p: confusion_png(r, confusion_split, p)),
