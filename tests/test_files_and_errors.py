@@ -442,3 +442,14 @@ def test_lock_helper_takes_a_lab_mates_lock_file_without_truncating_it():
     finally:
         folder.chmod(0o755)
         shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize(("umask", "expected"), [(0o022, 0o644), (0o002, 0o664)])
+def test_lock_file_is_created_with_the_umask_mode(tmp_path, umask, expected):
+    """A lock file segvoc creates gets what the umask gives (group-writable under 002, so a lab mate can open it
+    read-write, as flock on NFS needs)."""
+    from segvoc.utils import file_lock
+
+    with _Umask(umask), file_lock(tmp_path / "new.lock", "paths.cache_dir"):
+        pass
+    assert _mode(tmp_path / "new.lock") == expected
