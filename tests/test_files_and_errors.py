@@ -453,3 +453,30 @@ def test_lock_file_is_created_with_the_umask_mode(tmp_path, umask, expected):
     with _Umask(umask), file_lock(tmp_path / "new.lock", "paths.cache_dir"):
         pass
     assert _mode(tmp_path / "new.lock") == expected
+
+
+def test_lock_that_cannot_be_created_is_one_line_naming_the_key():
+    """A lock file that is missing in a folder this user cannot write: one ``ConfigError`` line naming the file and
+    the key that chose the folder, not a PermissionError traceback."""
+    import shutil
+
+    from tests.helpers import lab_mate, shared_folder
+
+    folder = shared_folder()
+    try:
+        if os.geteuid() != 0:
+            folder.chmod(0o555)
+        body = ("try:\n"
+                "    with file_lock(sys.argv[1], 'paths.cache_dir'):\n"
+                "        pass\n"
+                "except ConfigError as exc:\n"
+                "    print(exc)")
+        proc = lab_mate("from segvoc.errors import ConfigError; from segvoc.utils import file_lock", body,
+                        str(folder / "x.lock"))
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert out.strip() == (f"{folder / 'x.lock'}: cannot lock (Permission denied); make {folder} writable for "
+                               "you, or set paths.cache_dir to a folder you can write")
+    finally:
+        folder.chmod(0o755)
+        shutil.rmtree(folder)
