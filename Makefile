@@ -6,15 +6,16 @@ EXP ?= experiment=4a_baseline
 
 .PHONY: install demo train test test-fast lint report bench gpu-check tensorboard clean
 
-$(VENV)/.installed: pyproject.toml
+# every extra (smp, export, mlflow, wandb, sweep, slurm) and the test tools, at the versions of constraints.txt
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --no-cache-dir --upgrade pip
-	$(PY) -m pip install -q --no-cache-dir -e '.[test]'
+	$(PY) -m pip install -q --no-cache-dir -e '.[all,test]' -c constraints.txt
 	@# 0.4 replaced hydra-optuna-sweeper (optuna<3) by segvoc's own sweeper: drop it from a venv made before
 	$(PY) -m pip uninstall -q -y hydra-optuna-sweeper 2>/dev/null || true
 	touch $@
 
-install: $(VENV)/.installed  ## create .venv and install segvoc (editable) with test tools
+install: $(VENV)/.installed  ## create .venv and install segvoc (editable) with every extra and the test tools
 
 demo: install  ## offline end-to-end: synthetic data -> train 4a baseline -> evaluate -> report
 	$(PY) -m segvoc.demo

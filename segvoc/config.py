@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
@@ -19,11 +22,6 @@ if not OmegaConf.has_resolver("run_dir"):
     # resume=auto, which looks for an unfinished run in the directory it is given)
     OmegaConf.register_new_resolver(
         "run_dir", lambda resume, new: new if resume in (None, "", "null", "None", "auto") else resume)
-if not OmegaConf.has_resolver("config_subdir"):
-    # where Hydra saves this launch's config: .hydra/ in a new run directory; .hydra_resume/ where a run already
-    # saved its .hydra/ (resumed, requeued, or re-run sweep jobs), so the original config is never overwritten
-    OmegaConf.register_new_resolver(
-        "config_subdir", lambda out: ".hydra_resume" if (Path(out) / ".hydra" / "config.yaml").is_file() else ".hydra")
 if not OmegaConf.has_resolver("run_id"):
     # a token for this launch, so two runs started in the same second never share a directory: SLURM's job (and
     # array task) id when there is one, else a random one; cached, so one process always sees the same value
@@ -67,14 +65,18 @@ def search_key(definition: dict[str, Any]) -> str:
 
 
 def _run_id() -> str:
+    """This launch's token. The ranks of one multi-task SLURM step (``srun``) share it: ``j<job>.<step>``; any other
+    launch draws a random one, also inside a SLURM job (two launches of one job then never share a directory),
+    prefixed by the job (and array task) id so that a run directory names its job."""
     import os
     import uuid
 
     job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
-    if job:
-        task = os.environ.get("SLURM_ARRAY_TASK_ID")
-        return f"j{job}" + (f"_{task}" if task else "")
-    return uuid.uuid4().hex[:6]
+    task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    prefix = (f"j{job}" + (f"_{task}" if task else "") + "_") if job else ""
+    if job and int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and os.environ.get("SLURM_STEP_ID"):
+        return f"{prefix}s{os.environ['SLURM_STEP_ID']}"
+    return prefix + uuid.uuid4().hex[:6]
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
@@ -151,65 +153,126 @@ def carry_overrides(stored: DictConfig, composed: DictConfig, allowed: tuple[str
     return out
 
 
-# The numeric keys a user types, with what each accepts: (key, smallest value, also accepted, what it is).
-# ``check_values`` answers a bad one with one line; keys a command does not have are skipped.
-_WHOLE = "a whole number"
-NUMERIC_KEYS: tuple[tuple[str, float, tuple, str, str], ...] = (
-    ("data.batch_size", 1, (), _WHOLE, "images per training batch"),
-    ("data.eval_batch_size", 1, ("auto",), _WHOLE, "images per val/test batch"),
-    ("data.num_workers", 0, ("auto",), _WHOLE, "DataLoader worker processes"),
-    ("data.image_size", 1, (), _WHOLE, "the training crop side in pixels"),
-    ("data.subset", 1, (None,), _WHOLE, "the first N ids of each split"),
-    ("data.num_classes", 1, (), _WHOLE, "classes"),
-    ("trainer.max_epochs", 1, (None,), _WHOLE, "epochs to train; -1 would train forever"),
-    ("trainer.min_epochs", 0, (None,), _WHOLE, "epochs before early stopping may stop"),
-    ("trainer.max_steps", 1, (-1,), _WHOLE, "optimizer steps to train (-1: no limit)"),
-    ("trainer.accumulate_grad_batches", 1, (), _WHOLE, "batches per optimizer step"),
-    ("trainer.num_nodes", 1, (), _WHOLE, "machines"),
-    ("trainer.log_every_n_steps", 1, (), _WHOLE, "steps between log points"),
-    ("trainer.check_val_every_n_epoch", 1, (None,), _WHOLE, "epochs between validations"),
-    ("trainer.num_sanity_val_steps", 0, (-1,), _WHOLE, "validation batches before training (-1: all)"),
-    ("optimizer.lr", 0, (), "a number", "the learning rate"),
-    ("optimizer.weight_decay", 0, (), "a number", "the weight decay"),
-    ("infer.window", 1, (), _WHOLE, "the sliding window side in pixels"),
-    ("infer.stride", 1, (None,), _WHOLE, "the sliding window step in pixels"),
-    ("infer.max_pixels", 1, (), _WHOLE, "the image size above which infer.mode=auto slides"),
-    ("max_side", 1, (), _WHOLE, "the longest image side predict runs at"),
-    ("max_problems", 0, (), _WHOLE, "problems listed in full"),
-    ("log_images", 0, (), _WHOLE, "validation images in the TensorBoard grid"),
-)
-_POSITIVE = ("optimizer.lr",)  # > smallest, not >=
+SCHEMA_FILE = CONF_DIR / "schema.yaml"
+
+
+@functools.cache
+def schema() -> tuple[dict[str, dict[str, Any]], tuple[str, ...]]:
+    """``conf/schema.yaml``: the rule of every key (patterns may hold ``*`` for one part), and the top-level keys
+    checked elsewhere (read once per process)."""
+    table = OmegaConf.to_container(OmegaConf.load(SCHEMA_FILE))
+    return table["rules"], tuple(table.get("unchecked") or ())
+
+
+def rule_for(key: str, rules: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The rule of ``key``: its own, else the first pattern whose parts match (``*`` matches one part)."""
+    if key in rules:
+        return rules[key]
+    parts = key.split(".")
+    for pattern, rule in rules.items():
+        p = pattern.split(".")
+        if len(p) == len(parts) and all(a == "*" or a == b for a, b in zip(p, parts, strict=True)):
+            return rule
+    return None
+
+
+def _range(rule: dict[str, Any]) -> str:
+    low = f"> {rule['above']}" if "above" in rule else f">= {rule['min']}" if "min" in rule else ""
+    high = f"< {rule['below']}" if "below" in rule else f"<= {rule['max']}" if "max" in rule else ""
+    return " and ".join(b for b in (low, high) if b)
+
+
+def describe(rule: dict[str, Any]) -> str:
+    """What a rule accepts, in words (the end of the refusal's ``must be ...``)."""
+    kind = rule["type"]
+    if kind == "int":
+        text = f"a whole number {_range(rule)}".rstrip()
+    elif kind == "number":
+        text = f"a finite number {_range(rule)}".rstrip()
+    elif kind == "bool":
+        text = "true or false"
+    elif kind == "choice":
+        text = "one of " + " | ".join(str(c) for c in rule["choices"])
+    elif kind == "list":
+        size = f"{rule['length']} " if "length" in rule else ""
+        text = f"a list of {size}items, each " + describe(rule["item"]) if "item" in rule else "a list"
+    elif kind == "mapping":
+        text = "a mapping of keys to values"
+    else:
+        text = "text"
+    return text + "".join(f" or {_show(a)}" for a in rule.get("also") or ())
+
+
+def violates(value: Any, rule: dict[str, Any]) -> bool:
+    """Whether ``value`` breaks ``rule`` (``conf/schema.yaml``)."""
+    if any(value == a and type(value) is type(a) for a in rule.get("also") or ()):
+        return False
+    kind = rule["type"]
+    if kind == "bool":
+        return not isinstance(value, bool)
+    if kind == "text":
+        return not isinstance(value, str)
+    if kind == "mapping":
+        return not isinstance(value, DictConfig | dict)
+    if kind == "choice":
+        return isinstance(value, bool) or value is None or str(value) not in [str(c) for c in rule["choices"]]
+    if kind == "list":
+        if not isinstance(value, ListConfig | list):
+            return True
+        if "length" in rule and len(value) != rule["length"]:
+            return True
+        return "item" in rule and any(violates(v, rule["item"]) for v in value)
+    whole = kind == "int"
+    if isinstance(value, bool) or not isinstance(value, int if whole else int | float):
+        return True
+    if not math.isfinite(value):
+        return True
+    return (("min" in rule and value < rule["min"]) or ("max" in rule and value > rule["max"])
+            or ("above" in rule and value <= rule["above"]) or ("below" in rule and value >= rule["below"]))
+
+
+def leaves(cfg: DictConfig, skip: tuple[str, ...] = ()) -> Iterator[tuple[str, Any]]:
+    """``(dotted key, value)`` of every key of ``cfg`` (lists whole, mappings as themselves and then their keys),
+    interpolations resolved and visited last (a value typed at its source is named there); keys under ``skip``
+    (top-level names) and keys that do not resolve are left out."""
+    later: list[tuple[str, Any]] = []
+
+    def walk(node: DictConfig, prefix: str) -> Iterator[tuple[str, Any]]:
+        for k in node:
+            key = f"{prefix}{k}"
+            if not prefix and k in skip:
+                continue
+            try:
+                value = node[k]
+            except Exception:  # noqa: BLE001 - a key this command cannot resolve is checked where it is used
+                continue
+            if OmegaConf.is_interpolation(node, k):
+                later.append((key, value))
+                continue
+            yield key, value
+            if isinstance(value, DictConfig):
+                yield from walk(value, key + ".")
+
+    yield from walk(cfg, "")
+    yield from later
 
 
 def check_values(cfg: DictConfig) -> None:
-    """One place for the keys a user types: a missing mandatory value (``???``) or a numeric key out of range
-    (``NUMERIC_KEYS``, plus ``data.test_fraction``) is a ``ConfigError`` of one line naming key, value and fix.
-    Every entry point calls it (through ``segvoc.app.run_app``, and per job in a sweep) before any work."""
+    """One place for the values a user types: a missing mandatory value (``???``), or any key whose value breaks
+    its rule in ``conf/schema.yaml``, is a ``ConfigError`` of one line naming key, value and what it must be. Every
+    entry point calls it before any work (``segvoc.app``: before Hydra creates a folder, and per job in a sweep)."""
     from segvoc.errors import ConfigError
 
     for key in sorted(OmegaConf.missing_keys(cfg)):
         raise ConfigError(f"{key} is required: add {key}=<value> to the command (see the comment on {key} in "
                           f"{_config_file()})")
-    for key, low, also, kind, what in NUMERIC_KEYS:
-        value = _value(cfg, key)
-        if value is _ABSENT or any(value == a and type(value) is type(a) for a in also):
+    rules, unchecked = schema()
+    for key, value in leaves(cfg, unchecked):
+        rule = rule_for(key, rules)
+        if rule is None:
             continue
-        whole = kind == _WHOLE
-        number = isinstance(value, int | float) and not isinstance(value, bool) and (not whole or
-                                                                                       float(value).is_integer())
-        ok = number and (value > low if key in _POSITIVE else value >= low)
-        if not ok:
-            bound = f"> {low}" if key in _POSITIVE else f">= {low}"
-            extra = "".join(f" or {'null' if a is None else a}" for a in also)
-            raise ConfigError(f"{key}={_show(value)}: must be {kind} {bound}{extra} ({what})")
-    fraction = _value(cfg, "data.test_fraction")
-    if fraction is not _ABSENT and not (isinstance(fraction, int | float) and not isinstance(fraction, bool)
-                                        and 0 <= fraction < 1):
-        raise ConfigError(f"data.test_fraction={_show(fraction)}: must be a number in [0, 1) (the share of "
-                          "official val held out as test)")
-
-
-_ABSENT = object()
+        if violates(value, rule):
+            raise ConfigError(f"{key}={_show(value)}: must be {describe(rule)} ({rule['what']})")
 
 
 def _config_file() -> str:
@@ -218,13 +281,7 @@ def _config_file() -> str:
     return f"conf/{HydraConfig.get().job.config_name}.yaml" if HydraConfig.initialized() else "conf/"
 
 
-def _value(cfg: DictConfig, key: str) -> object:
-    try:
-        node = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
-    except Exception:  # noqa: BLE001 - a key this command cannot resolve is checked where it is used
-        return _ABSENT
-    return node
-
-
 def _show(value: object) -> str:
+    if isinstance(value, ListConfig | DictConfig):
+        value = OmegaConf.to_container(value)
     return "null" if value is None else str(value)

@@ -33,3 +33,19 @@ class ExportError(SegvocError):
 
 class TrackerError(SegvocError):
     """An experiment tracker (MLflow, W&B) that cannot be reached or used as configured."""
+
+
+class OwnershipError(SegvocError):
+    """A folder segvoc would delete or replace that it cannot prove it created (no ownership marker)."""
+
+
+class RunLockedError(SegvocError):
+    """A run directory that another launch holds (its lock is taken)."""
+
+
+class UntrustedConfigError(SegvocError):
+    """A config read from a file (checkpoint, exported model) names a ``_target_`` outside the allowlist."""
+
+
+class MissingExtraError(SegvocError):
+    """A command needs an optional extra (``pip install 'segvoc[NAME]'``) that is not installed."""

@@ -64,7 +64,7 @@ def export_model(cfg: DictConfig) -> Path:
     if output.suffix != FORMATS[cfg.format]:
         raise ConfigError(f"output={output}: a {cfg.format} file must end in {FORMATS[cfg.format]} (evaluate and "
                           "predict tell formats apart by it)")
-    task, _ = load_task(ckpt)
+    task, _ = load_task(ckpt, trusted=cfg.get("trusted_targets") or ())
     meta = export_metadata(task, ckpt, read_checkpoint(ckpt).get("epoch"))
     tolerance = parity_tolerance(cfg, choice(task.hparams.get("cfg") or {}, "model"))
     parity = export(task, output, cfg.format, meta, returns=cfg.returns, opset=int(cfg.opset), **tolerance)

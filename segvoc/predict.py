@@ -24,7 +24,8 @@ from segvoc.evaluation.inference import InferenceConfig
 def predict(cfg: DictConfig) -> dict[str, list[str]]:
     """Run the model over ``cfg.input``; returns ``{"done": [...], "failed": ["<input>: <reason>", ...]}``."""
     inputs = list_inputs(Path(cfg.input).expanduser())
-    task, _ = load_any_task(cfg.ckpt, InferenceConfig(**OmegaConf.to_container(cfg.infer, resolve=True)))
+    task, _ = load_any_task(cfg.ckpt, InferenceConfig(**OmegaConf.to_container(cfg.infer, resolve=True)),
+                            cfg.get("trusted_targets") or ())
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     task.to(device)
     return predict_inputs(task.predict_log_probs, inputs, Path(cfg.output), device, int(cfg.max_side),

@@ -101,6 +101,20 @@ class RecordSeeds(pl.Callback):
             f.write(f"{trainer.current_epoch} {batch_idx} {trainer.global_rank} {torch.initial_seed()}\n")
 
 
+class HoldUntil(pl.Callback):
+    """Waits at the start of training until the file ``release`` exists (at most ``timeout`` seconds), after writing
+    ``ready``: a test holds a launch at a known point while it starts another one."""
+
+    def __init__(self, ready: str, release: str, timeout: float = 120.0) -> None:
+        self.ready, self.release, self.timeout = Path(ready), Path(release), timeout
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self.ready.write_text(str(os.getpid()))
+        deadline = time.time() + self.timeout
+        while not self.release.exists() and time.time() < deadline:
+            time.sleep(0.05)
+
+
 LAB_MATE = 65534  # "nobody": the other user of a shared folder, in tests run as root
 
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from segvoc.bench import main
+from segvoc.bench.benchmark import main
 
 MODEL_KEYS = {"plain_train_img_s", "task_train_img_s", "ratio", "ratio_spread", "train_gflop_per_img",
               "achieved_gflop_s", "peak_mem_mb"}
@@ -61,8 +61,8 @@ def test_bench_writes_every_key(tmp_path):
 
 def test_flop_count_of_a_frozen_encoder_step_leaves_out_its_backward():
     """resnet34_transfer's encoder is frozen: its training step costs far less than 3x its forward."""
+    from segvoc.bench.throughput import train_gflop_per_image
     from segvoc.config import compose
-    from segvoc.reporting.throughput import train_gflop_per_image
 
     frozen = compose(["model=resnet34_transfer", "model.weights=none", "paths.output_dir=/tmp"])
     trained = compose(["model=resnet34_transfer", "model.weights=none", "model.freeze_encoder=false",
@@ -75,13 +75,13 @@ def test_interleaved_probe_times_task_and_plain_steps_separately(tmp_path):
     """A deliberately slow plain step makes the ratio (task / plain img/s) large; a slow task step makes it small."""
     import time
 
+    from segvoc.bench.throughput import overhead
     from segvoc.config import compose
-    from segvoc.reporting.throughput import overhead
 
     cfg = compose(["model=fcn_baseline", "model.encoder_channels=[4,4,4,4,4]", "model.decoder_channels=[4,4,4,4,4]",
                    f"paths.output_dir={tmp_path}", "trainer.enable_progress_bar=false", "logger=none",
                    "trainer.max_epochs=1", "trainer.enable_model_summary=false", "trainer.num_sanity_val_steps=0"])
-    import segvoc.reporting.throughput as tp
+    import segvoc.bench.throughput as tp
 
     original = tp.PlainStep.__call__
 
@@ -124,7 +124,7 @@ def test_gpu_check_dry_run_runs_every_section(tmp_path, capsys):
 
 
 def test_bf16_peak_by_card_name():
-    from segvoc.reporting.gpu_check import bf16_peak_tflops
+    from segvoc.bench.gpu_check import bf16_peak_tflops
 
     assert bf16_peak_tflops("NVIDIA H200") == bf16_peak_tflops("NVIDIA H100 80GB HBM3") == 989.4  # SXM
     assert bf16_peak_tflops("NVIDIA H100 PCIe") == 756.0 and bf16_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0

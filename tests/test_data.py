@@ -213,7 +213,7 @@ def test_path_objects(voc_mini):
 def test_auto_loader_settings(monkeypatch):
     import os
 
-    from segvoc.engine.builders import resolve_loader_settings
+    from segvoc.data.datamodule import resolve_loader_settings
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     assert resolve_loader_settings("auto", False) == (8, False)

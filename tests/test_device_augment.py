@@ -205,7 +205,7 @@ def test_unsupported_preset_fails_when_the_datamodule_is_built(tmp_path):
 def test_device_side_augmentation_makes_no_host_sync():
     """Counted as in tests/test_syncs.py (calls that would stall a GPU's stream): none per batch, rotations
     included (torchvision's ``F.rotate`` would make three blocking host-to-device copies per call)."""
-    from segvoc.reporting.syncs import SyncCounter
+    from segvoc.bench.syncs import SyncCounter
 
     device = DeviceAugment.from_steps(_report(32))
     samples = []

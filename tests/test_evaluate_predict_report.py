@@ -48,7 +48,7 @@ def test_evaluate_reproduces_training_test_metrics_exactly(trained_run, tmp_path
 def test_evaluate_scores_a_bf16_run_as_it_was_trained(tmp_path, synthetic_root, monkeypatch):
     """A bf16-mixed run (CPU autocast) is scored in bf16 by evaluate: the test scores of training's metrics.json,
     exactly; typing trainer.precision=32-true scores it in fp32, which gives another loss."""
-    import segvoc.evaluate as evaluate_module
+    import segvoc.runs.evaluation as evaluate_module
     from tests.conftest import make_cfg
 
     run = tmp_path / "run"
@@ -469,15 +469,21 @@ def test_tensorboard_prediction_grid_is_a_titled_figure(trained_run):
     from pytorch_lightning.loggers import TensorBoardLogger
 
     from segvoc.engine.builders import load_task
+    from segvoc.engine.callbacks import ValidationFigures
 
     task, cfg = load_task(trained_run / "checkpoints" / "best.ckpt")
     tb = MagicMock(spec=TensorBoardLogger)
-    task._trainer = SimpleNamespace(loggers=[tb], global_rank=0, current_epoch=3)
-    image = torch.zeros(3, 8, 10, dtype=torch.uint8)
-    mask = torch.zeros(8, 10, dtype=torch.long)
-    mask[2:4, 2:4] = 8
-    task._samples = [(image, mask, torch.zeros(8, 10, dtype=torch.long))]  # an all-background prediction
-    task._log_pictures(np.eye(21, dtype=np.int64))
+    trainer = SimpleNamespace(loggers=[tb], is_global_zero=True, current_epoch=3, sanity_checking=False,
+                              state=SimpleNamespace(fn="fit"))
+    image = torch.zeros(2, 3, 8, 10, dtype=torch.uint8)
+    mask = torch.zeros(2, 8, 10, dtype=torch.long)
+    mask[0, 2:4, 2:4] = 8
+    figures_cb = ValidationFigures(num_images=1)
+    task.scores["val"] = {"confusion": np.eye(21, dtype=np.int64)}
+    # a batch of two, of which the callback keeps the first; an all-background prediction
+    figures_cb.on_validation_batch_end(trainer, task, torch.zeros(2, 8, 10, dtype=torch.long),
+                                       {"image": image, "mask": mask}, 0)
+    figures_cb.on_validation_end(trainer, task)
     figures = {c.args[0]: c.args[1] for c in tb.experiment.add_figure.call_args_list}
     assert not tb.experiment.add_image.called
     fig = figures["val/predictions"]

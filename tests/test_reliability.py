@@ -153,25 +153,28 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(smoke_cfg, tmp_
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
 
 
-def test_nonfinite_tracker_checks_itself_when_more_steps_than_its_buffer_pass_without_a_check(tmp_path, monkeypatch):
+def test_nonfinite_tracker_checks_itself_when_more_steps_than_its_buffer_pass_without_a_check():
     """The tracker holds ``log_every_n_steps`` losses on the device. An epoch boundary can put more steps than that
     between two checks (the check runs every n batches of an epoch): a full buffer is checked before it is reused,
     so the first NaN step is still the one named, not a later one."""
-    from segvoc.config import compose
-    from segvoc.engine.builders import build_task
-    from segvoc.engine.task import SegmentationTask
+    from types import SimpleNamespace
+
+    from segvoc.engine.callbacks import NonFiniteLossCheck
     from segvoc.errors import NonFiniteLossError
 
-    task = build_task(compose(["model=null_conv", f"paths.output_dir={tmp_path}"]), pretrained=False)
-    monkeypatch.setattr(SegmentationTask, "global_step", property(lambda self: self.fake_step))
-    task._recent_losses, task._recent_steps = torch.zeros(3), []  # as on_train_start sizes it for n=3
+    check = NonFiniteLossCheck()
+    trainer = SimpleNamespace(log_every_n_steps=3, global_step=0)
+    check.on_train_start(trainer, SimpleNamespace(device=torch.device("cpu")))  # sizes the buffer for n=3
     nan = float("nan")
-    for step, loss in enumerate([1.0, nan, nan]):
-        task.fake_step = step
-        task._remember_loss(torch.tensor(loss))
-    task.fake_step = 3
+    # batches 0 and 1 of an epoch with 2 batches, then batch 0 of the next: no check ((idx + 1) % 3 != 0)
+    for step, (loss, batch_idx) in enumerate([(1.0, 0), (nan, 1), (nan, 0)]):
+        trainer.global_step = step
+        check.on_train_batch_start(trainer, None, None, batch_idx)
+        check.on_train_batch_end(trainer, None, {"loss": torch.tensor(loss)}, None, batch_idx)
+    trainer.global_step = 3
+    check.on_train_batch_start(trainer, None, None, 1)
     with pytest.raises(NonFiniteLossError, match=r"NaN/inf at step 1;"):
-        task._remember_loss(torch.tensor(nan))
+        check.on_train_batch_end(trainer, None, {"loss": torch.tensor(nan)}, None, 1)
 
 
 @pytest.mark.slow
@@ -334,12 +337,12 @@ def test_sigterm_after_a_nan_step_keeps_the_last_good_checkpoint(smoke_cfg, tmp_
         return loss * float("nan") if self.current_epoch >= 1 else loss
 
     monkeypatch.setattr(SegmentationTask, "training_step", nan_from_epoch_1)
-    # 4 batches per epoch. Step 4 returns NaN (after the task's own check saw a finite loss), so the weights turn
-    # NaN and step 5's loss is NaN: the tracker's step. SIGTERM after step 5 (batch 2 of 4 of epoch 1: mid-epoch,
-    # where a checkpoint would be saved); log_every_n_steps=50: no finiteness check before it.
+    # 4 batches per epoch. Step 4 returns NaN: the loss the tracker sees (the one trained on) and the weights turn
+    # NaN. SIGTERM after step 5 (batch 2 of 4 of epoch 1: mid-epoch, where a checkpoint would be saved);
+    # log_every_n_steps=50: no finiteness check before it.
     cfg = smoke_cfg("trainer.max_epochs=3", "trainer.log_every_n_steps=50", "data.batch_size=2",
                     "+callbacks.signal_at._target_=tests.helpers.SignalAt", "+callbacks.signal_at.step=6")
-    with pytest.raises(NonFiniteLossError, match=r"NaN/inf at step 5;"):
+    with pytest.raises(NonFiniteLossError, match=r"NaN/inf at step 4;"):
         train(cfg)
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["epoch"] == 0 and last["global_step"] == 4, (last["epoch"], last["global_step"])

@@ -11,20 +11,26 @@ import pytest
 
 from segvoc.config import REPO_ROOT
 
-ENTRY_POINTS = {"segvoc.train", "segvoc.evaluate", "segvoc.predict", "segvoc.export", "segvoc.report", "segvoc.bench",
-                "segvoc.demo", "segvoc.data.check", "segvoc.data.prepare"}
-BASE = {"segvoc", "segvoc.config", "segvoc.app", "segvoc.errors", "segvoc.utils", "segvoc.tables"}
-# what each folder may import besides itself (README, "Module map"); the base modules import only each other
+ENTRY_POINTS = {"segvoc.train", "segvoc.evaluate", "segvoc.predict", "segvoc.export", "segvoc.report", "segvoc.demo",
+                "segvoc.data.check", "segvoc.data.prepare"}
+BASE = {"segvoc", "segvoc.config", "segvoc.errors", "segvoc.extras", "segvoc.utils", "segvoc.tables"}
+# what each folder may import besides itself (docs, "Module map"); the base modules import only each other;
+# segvoc.app (the failure policy and the preflight check around every command) serves the entry points only
 MAY_IMPORT = {
-    "data": {"base"},
-    "models": {"segvoc.errors", "segvoc.utils"},
+    "safety": {"base"},
+    "data": {"safety", "base"},
+    "models": {"segvoc.errors", "segvoc.extras", "segvoc.utils"},
     "losses": {"data", "base"},
     "evaluation": {"data", "base"},
-    "engine": {"models", "losses", "evaluation", "data", "base"},
-    "runs": {"engine", "models", "losses", "evaluation", "data", "base"},
-    "deploy": {"engine", "models", "losses", "evaluation", "data", "base"},
-    "reporting": {"runs", "engine", "models", "losses", "evaluation", "data", "base"},
+    "engine": {"models", "losses", "evaluation", "data", "safety", "base"},
+    "runs": {"deploy", "engine", "models", "losses", "evaluation", "data", "safety", "base"},
+    "deploy": {"engine", "models", "losses", "evaluation", "data", "safety", "base"},
+    "reporting": {"runs", "engine", "models", "losses", "evaluation", "data", "safety", "base"},
+    "app": {"runs", "engine", "models", "losses", "evaluation", "data", "safety", "deploy", "reporting", "base"},
     "base": {"base"},
+    # measuring segvoc (python -m segvoc.bench): may use any folder; nothing else in segvoc imports it
+    "bench": {"app", "reporting", "deploy", "runs", "engine", "models", "losses", "evaluation", "data", "safety",
+              "base"},
 }
 
 
@@ -55,6 +61,8 @@ def _room(module: str) -> str:
     """The folder a module lives in (``base`` for the top-level helpers, ``entry`` for entry points)."""
     if module in ENTRY_POINTS:
         return "entry"
+    if module == "segvoc.app":
+        return "app"
     if module in BASE:
         return "base"
     parts = module.split(".")
@@ -64,6 +72,8 @@ def _room(module: str) -> str:
 
 def _allowed(importer: str, imported: str) -> bool:
     room, target = _room(importer), _room(imported)
+    if target == "bench":
+        return room == "bench"
     if room == "entry":
         return target != "entry"
     if target == "entry":
@@ -81,9 +91,25 @@ def test_every_module_has_a_room_and_imports_only_go_down():
 def test_the_rule_catches_an_upward_import(tmp_path):
     assert not _allowed("segvoc.data.voc", "segvoc.engine.task")
     assert not _allowed("segvoc.engine.task", "segvoc.runs.directory")
-    assert not _allowed("segvoc.reporting.throughput", "segvoc.deploy.exported")
+    assert not _allowed("segvoc.reporting.study", "segvoc.deploy.exported")
     assert not _allowed("segvoc.runs.sweep", "segvoc.train")
+    assert not _allowed("segvoc.runs.lifecycle", "segvoc.app")
+    assert not _allowed("segvoc.safety.ownership", "segvoc.runs.directory")
     assert _allowed("segvoc.deploy.exported", "segvoc.engine.builders")
+    assert _allowed("segvoc.train", "segvoc.app")
+
+
+def test_the_rule_keeps_the_measurement_tools_off_the_training_path():
+    """``segvoc.bench`` may import every folder below it, and nothing else imports ``segvoc.bench``: not an entry
+    point, not the base helpers, not a folder."""
+    for importer in ("segvoc.train", "segvoc.engine.task", "segvoc.data.datamodule", "segvoc.app",
+                     "segvoc.reporting.study"):
+        assert not _allowed(importer, "segvoc.bench.syncs"), importer
+    assert not _allowed("segvoc.bench.benchmark", "segvoc.train")
+    assert _allowed("segvoc.bench.gpu_check", "segvoc.bench.throughput")
+    for imported in ("segvoc.engine.builders", "segvoc.runs.directory", "segvoc.deploy.exported", "segvoc.config",
+                     "segvoc.reporting.study"):
+        assert _allowed("segvoc.bench.benchmark", imported), imported
 
 
 def test_no_import_circles():
@@ -152,3 +178,10 @@ print('ok')
 """
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_only_the_ownership_rule_deletes_folders():
+    """Rule A has one place: ``shutil.rmtree`` (deleting a folder and everything in it) is called only by
+    ``segvoc.safety.ownership``, which checks the folder's marker first."""
+    offenders = [m for m, p in _modules().items() if "rmtree" in p.read_text() and m != "segvoc.safety.ownership"]
+    assert not offenders, offenders

@@ -1,5 +1,5 @@
 """No host-device sync per training step: counted on the CPU by patching the calls that would stall a GPU
-(``segvoc.reporting.syncs``), over 20 steady-state steps of the 4a recipe with 2 workers, the progress bar on and
+(``segvoc.bench.syncs``), over 20 steady-state steps of the 4a recipe with 2 workers, the progress bar on and
 logging every 100 steps; and the counter itself sees each kind of call."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from segvoc.reporting.syncs import SyncCounter, training_syncs
+from segvoc.bench.syncs import SyncCounter, training_syncs
 from tests.conftest import make_cfg
 
 WARMUP, STEPS = 3, 20

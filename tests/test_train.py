@@ -358,8 +358,11 @@ def test_gpu_exact_trainer_turns_on_deterministic_algorithms(tmp_path, monkeypat
 
 @pytest.mark.slow
 def test_two_runs_started_together_get_their_own_directories(tmp_path, synthetic_root):
-    """Run directories carry a per-launch id after the second: launches in the same second never share one."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    """Run directories carry a per-launch id after the second: launches in the same second never share one, also
+    two launches of one SLURM job (the same SLURM_JOB_ID, no array)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SLURM_JOB_ID": "4242"}
+    for key in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_NTASKS", "SLURM_STEP_ID", "SLURM_PROCID"):
+        env.pop(key, None)
     cmd = [sys.executable, "-m", "segvoc.train", "data=synthetic", "data.synthetic=null", f"data.root={synthetic_root}",
            "debug=smoke", "trainer.max_epochs=1", "data.subset=4", "trainer.enable_progress_bar=false",
            f"paths.output_root={tmp_path}"]
@@ -368,6 +371,6 @@ def test_two_runs_started_together_get_their_own_directories(tmp_path, synthetic
     errors = [p.communicate(timeout=300)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), errors[0][-2000:]
     runs = sorted(p.parent for p in (tmp_path / "runs").rglob("metrics.json"))
-    assert len(runs) == 2 and runs[0] != runs[1]
+    assert len(runs) == 2 and runs[0] != runs[1] and all("_j4242_" in r.name for r in runs)
     writers = [{f.name.split(".")[-2] for f in (run / "tb").glob("events.out.tfevents.*")} for run in runs]
     assert all(len(pids) == 1 for pids in writers) and writers[0] != writers[1]  # one process's events per run

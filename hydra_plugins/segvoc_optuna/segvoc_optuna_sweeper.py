@@ -153,10 +153,11 @@ class SegvocOptunaSweeper(Sweeper):
         return instantiate(cfg)
 
     def sweep(self, arguments: list[str]) -> None:
-        import optuna
-
         from segvoc.config import search_definition
+        from segvoc.extras import require
         from segvoc.runs.optuna_study import OWNER_ATTR, TRIAL_ENV, open_storage, owner, refusal
+
+        optuna = require("sweep", "hydra/sweeper=segvoc_optuna")
 
         params = [f"{k}={v}" for k, v in (self.params or {}).items()]
         space, fixed = search_space(params + list(arguments))

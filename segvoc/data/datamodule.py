@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import cv2
 import pytorch_lightning as pl
+import torch
 from lightning_fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
@@ -17,6 +20,26 @@ from segvoc.data.fetch import prepare_tree
 from segvoc.data.sampling import EpochShuffleSampler, ResumableLoader, SizeGroupedBatches, epoch_position
 from segvoc.data.transforms import build_pipeline, pad_collate
 from segvoc.data.voc import VOCPairs, make_splits, mask_dir_for, resolve_voc_root
+
+
+def resolve_loader_settings(num_workers: int | str, pin_memory: bool | str,
+                            accelerator: str | None = None) -> tuple[int, bool]:
+    """``auto`` workers = the CPUs this process may use, up to 8; ``auto`` pinning = when training on a GPU."""
+    if num_workers == "auto":
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        num_workers = min(8, cpus)
+    if pin_memory == "auto":
+        pin_memory = accelerator in ("gpu", "cuda", "auto", None) and torch.cuda.is_available()
+    return int(num_workers), bool(pin_memory)
+
+
+def resolve_eval_batch_size(eval_batch_size: int | str, batch_size: int, accelerator: str | None = None) -> int:
+    """``auto``: 1 on the CPU, where batching full-resolution images measured no faster (``segvoc.bench``), and the
+    training batch size on a GPU. Batches only ever hold images of one size, so the value never changes scores."""
+    if eval_batch_size == "auto":
+        gpu = accelerator in ("gpu", "cuda", "auto", None) and torch.cuda.is_available()
+        return int(batch_size) if gpu else 1
+    return int(eval_batch_size)
 
 
 class VOCDataModule(pl.LightningDataModule):
@@ -39,19 +62,28 @@ class VOCDataModule(pl.LightningDataModule):
         split_seed: int = 0,
         subset: int | None = None,
         batch_size: int = 8,
-        eval_batch_size: int = 1,
-        num_workers: int = 2,
-        pin_memory: bool = False,
+        eval_batch_size: int | str = 1,
+        num_workers: int | str = 2,
+        pin_memory: bool | str = False,
         download: bool = False,
-        sources: dict | None = None,
-        augment: DictConfig | None = None,
-        synthetic_cfg: DictConfig | dict | None = None,
+        urls: Mapping[str, str] | None = None,
+        md5: Mapping[str, str | None] | None = None,
+        augment: DictConfig | Mapping | None = None,
+        synthetic: DictConfig | Mapping | None = None,
         split_dir: str | None = None,
         seed: int = 0,
         decode_cache: bool = False,
         cache_dir: str | None = None,
         device_augment: bool = False,
+        num_classes: int = 21,
+        image_size: int | None = None,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        accelerator: str | None = None,
     ) -> None:
+        """The keys of ``conf/data`` (``image_size``, ``mean`` and ``std`` are read by the augmentation and the task),
+        and what the run adds: ``augment`` (``conf/augment``), ``split_dir`` (where the id lists used are written),
+        ``seed``, ``cache_dir`` and ``accelerator`` (for ``auto`` loader settings)."""
         super().__init__()
         self.root = root
         self.train_split = train_split
@@ -59,17 +91,17 @@ class VOCDataModule(pl.LightningDataModule):
         self.split_seed = split_seed
         self.subset = subset
         self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
+        self.num_workers, self.pin_memory = resolve_loader_settings(num_workers, pin_memory, accelerator)
+        self.eval_batch_size = resolve_eval_batch_size(eval_batch_size, batch_size, accelerator)
         self.download = download
-        self.sources = sources or {"urls": {}, "md5": {}}
+        self.sources = {"urls": dict(urls or {}), "md5": dict(md5 or {})}
         self.augment = augment or {}
-        self.synthetic_cfg = synthetic_cfg
+        self.synthetic_cfg = dict(synthetic) if synthetic else None
         self.split_dir = split_dir
         self.seed = seed
         self.decode_cache = decode_cache
         self.cache_dir = cache_dir
+        self.num_classes = num_classes
         # translated now, so a preset it cannot run is one line before anything starts
         self.device_augment = DeviceAugment.from_steps(self.augment.get("train")) if device_augment else None
         self.voc: Path | None = None
@@ -98,7 +130,7 @@ class VOCDataModule(pl.LightningDataModule):
         eval_tf = build_pipeline(self.augment.get("eval"))
         self.datasets = {
             split: VOCPairs(self.voc, ids, mask_dir_for(self.voc, split, self.train_split),
-                            train_tf if split == "train" else eval_tf, seed=self.seed)
+                            train_tf if split == "train" else eval_tf, seed=self.seed, num_classes=self.num_classes)
             for split, ids in self.splits.items()
         }
         self.datasets["train"].device_augment = self.device_augment

@@ -12,10 +12,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from segvoc.data.palette import IGNORE_INDEX, NUM_CLASSES, palette_bytes, rgb_to_index
 from segvoc.errors import DatasetError
 
-_VALID_LABELS = np.zeros(256, dtype=bool)
-_VALID_LABELS[:NUM_CLASSES] = True
-_VALID_LABELS[IGNORE_INDEX] = True
-
 
 def load_image(path: Path) -> np.ndarray:
     """Decode an image file to RGB uint8 (H, W, 3); EXIF orientation is applied."""
@@ -30,8 +26,9 @@ def load_image(path: Path) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def load_mask(path: Path) -> np.ndarray:
-    """Read a VOC mask as class indices uint8 (H, W): 0..20, 255 = ignore.
+def load_mask(path: Path, num_classes: int = NUM_CLASSES, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """Read a mask as class indices uint8 (H, W): 0..num_classes-1, ``ignore_index`` (255) = not labelled; any
+    other value is a ``DatasetError`` naming the file, the values and ``data.num_classes``.
 
     Palette ('P') and grayscale ('L', e.g. SBD ``SegmentationClassAug``) PNGs hold indices directly;
     an RGB mask is converted with the VOC colour map when every colour in it is a VOC colour.
@@ -56,11 +53,15 @@ def load_mask(path: Path) -> np.ndarray:
     if mode not in ("P", "L"):
         raise DatasetError(f"{path}: mask mode {mode!r} is not supported; save it as a palette or 8-bit PNG")
     arr = np.ascontiguousarray(arr, dtype=np.uint8)
-    bad = ~_VALID_LABELS[arr]
+    valid = np.zeros(256, dtype=bool)
+    valid[:num_classes] = True
+    valid[ignore_index] = True
+    bad = ~valid[arr]
     if bad.any():
         vals = sorted({int(v) for v in np.unique(arr[bad])})[:8]
         raise DatasetError(
-            f"{path}: mask has values {vals} outside 0-20 and 255; fix the mask or map those labels to 255 (ignore)"
+            f"{path}: mask has values {vals} outside 0-{num_classes - 1} and {ignore_index} (data.num_classes="
+            f"{num_classes}); fix the mask, map those labels to {ignore_index} (ignore), or raise data.num_classes"
         )
     return arr
 

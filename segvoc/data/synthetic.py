@@ -7,8 +7,6 @@ texture and shape, so a segmentation model can learn it; masks carry a 255 borde
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +16,7 @@ import numpy as np
 
 from segvoc.data.io import save_palette_mask
 from segvoc.data.palette import IGNORE_INDEX
+from segvoc.safety import ownership
 from segvoc.utils import file_lock, process_umask
 
 DEFAULT_CLASSES = (1, 7, 8, 12, 15)  # aeroplane, car, cat, dog, person
@@ -92,6 +91,7 @@ def generate(root: str | Path, num_train: int = 160, num_val: int = 80, height: 
     with file_lock(root.parent / f".{root.name}.lock", "data.root"):  # one writer; DDP ranks and sweep jobs wait
         if marker.is_file() and json.loads(marker.read_text()) == params and voc.is_dir():
             return voc
+        check_root(root)  # refused before the tree is drawn, not after
         _write_tree(root, params, classes)
     return voc
 
@@ -120,6 +120,25 @@ def _write_tree(root: Path, params: dict, classes: Sequence[int]) -> None:
         (sets / f"{name}.txt").write_text("\n".join(split_ids) + "\n")
     (sets / "trainval.txt").write_text("\n".join(ids["train"] + ids["val"]) + "\n")
     (tmp / "synthetic.json").write_text(json.dumps(params))
-    if root.exists():
-        shutil.rmtree(root)
-    os.replace(tmp, root)
+    ownership.claim(tmp, "synthetic")
+    # rule A: an earlier generated tree is replaced; anything else at data.root is never deleted
+    ownership.replace_owned(tmp, root, "synthetic", legacy_tree, _fix(root))
+
+
+def check_root(root: str | Path) -> None:
+    """``OwnershipError`` unless ``root`` is new, empty, or a synthetic tree segvoc generated (rule A: generating
+    replaces what is there)."""
+    root = Path(root)
+    if not ownership.is_empty(root):
+        ownership.check_owned(root, "synthetic", legacy_tree, _fix(root))
+
+
+def _fix(root: Path) -> str:
+    return (f"data=synthetic generates its images into data.root={root}: point data.root at a new or empty folder "
+            "(or at a synthetic tree segvoc generated)")
+
+
+def legacy_tree(folder: Path) -> bool:
+    """A synthetic tree of segvoc 0.4 and earlier (no ownership marker): its ``synthetic.json`` and
+    ``VOCdevkit``."""
+    return (folder / "synthetic.json").is_file() and (folder / "VOCdevkit" / "VOC2012").is_dir()

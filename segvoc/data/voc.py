@@ -13,6 +13,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from segvoc.data.io import load_image, load_mask
+from segvoc.data.palette import NUM_CLASSES
 from segvoc.data.sampling import mix_seed
 from segvoc.data.transforms import seed_pipeline
 from segvoc.errors import DatasetError
@@ -143,8 +144,10 @@ class VOCPairs(Dataset):
         mask_dir: str = "SegmentationClass",
         transform: Callable[..., dict] | None = None,
         seed: int = 0,
+        num_classes: int = NUM_CLASSES,
     ) -> None:
         self.voc = Path(voc)
+        self.num_classes = num_classes
         self.ids = list(ids)
         self.mask_dir = mask_dir
         self.transform = transform
@@ -189,7 +192,7 @@ class VOCPairs(Dataset):
         i = self.ids[index]
         image = load_image(self.voc / "JPEGImages" / f"{i}.jpg")
         mask_path = self.voc / self.mask_dir / f"{i}.png"
-        mask = load_mask(mask_path)
+        mask = load_mask(mask_path, self.num_classes)
         if image.shape[:2] != mask.shape:
             raise DatasetError(
                 f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +14,12 @@ from torch import nn
 
 from segvoc.deploy.formats import METADATA_KEY, export_format, torchscript_quiet
 from segvoc.engine.builders import build_loss, load_task
-from segvoc.engine.checkpoint import upgrade_targets
+from segvoc.engine.checkpoint import checkpoint_config, read_checkpoint, upgrade_config
 from segvoc.engine.task import SegmentationTask
 from segvoc.errors import ConfigError, WeightsError
 from segvoc.evaluation.inference import InferenceConfig
+from segvoc.extras import require
+from segvoc.safety.trust import SIGNATURE_KEY, check_config
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
@@ -31,6 +33,8 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise _missing(path)
+    if export_format(path) == "onnx":
+        require("export", f"ckpt={path}")
     try:
         if export_format(path) == "onnx":
             import onnx
@@ -58,6 +62,7 @@ def load_runner(path: str | Path) -> Runner:
     if not path.is_file():
         raise _missing(path)
     if export_format(path) == "onnx":
+        require("export", f"ckpt={path}")
         import onnxruntime as ort
 
         available = ort.get_available_providers()
@@ -93,17 +98,19 @@ class ExportedNet(nn.Module):
         return self.run(images)
 
 
-def exported_config(path: str | Path) -> tuple[DictConfig, dict[str, Any]]:
-    """The run config stored in an exported file, and the rest of its metadata."""
+def exported_config(path: str | Path, trusted: Sequence[str] = ()) -> tuple[DictConfig, dict[str, Any]]:
+    """The run config stored in an exported file, once every ``_target_`` in it has passed the allowlist (rule D,
+    ``segvoc.safety.trust``), and the rest of its metadata."""
     meta = read_metadata(path)
-    return OmegaConf.create(upgrade_targets(meta["config"])), meta
+    check_config(meta["config"], path, meta.get(SIGNATURE_KEY), trusted)
+    return OmegaConf.create(upgrade_config(meta["config"])), meta
 
 
-def load_exported_task(path: str | Path,
-                       inference: InferenceConfig | None = None) -> tuple[SegmentationTask, DictConfig]:
+def load_exported_task(path: str | Path, inference: InferenceConfig | None = None,
+                       trusted: Sequence[str] = ()) -> tuple[SegmentationTask, DictConfig]:
     """A ``SegmentationTask`` whose model is the exported file: same loss, metrics and inference modes as the
     checkpoint (whole, slide, flip), so ``segvoc.evaluate`` scores it exactly like the checkpoint."""
-    cfg, meta = exported_config(path)
+    cfg, meta = exported_config(path, trusted)
     if meta.get("returns") != "logits":
         raise ConfigError(f"{path}: exported with returns={meta.get('returns')}; evaluate/predict need the logits: "
                           "re-export with returns=logits")
@@ -125,10 +132,19 @@ def load_exported_task(path: str | Path,
     return task, cfg
 
 
-def load_any_task(path: str | Path,
-                  inference: InferenceConfig | None = None) -> tuple[SegmentationTask, DictConfig]:
+def load_any_task(path: str | Path, inference: InferenceConfig | None = None,
+                  trusted: Sequence[str] = ()) -> tuple[SegmentationTask, DictConfig]:
     """The task of a checkpoint (``segvoc.engine.builders.load_task``) or of an exported file (``.onnx``,
     TorchScript ``.pt``), in eval mode: what ``segvoc.evaluate`` and ``segvoc.predict`` accept as ``ckpt=``."""
     if export_format(path) is not None:
-        return load_exported_task(path, inference)
-    return load_task(path, inference)
+        return load_exported_task(path, inference, trusted)
+    return load_task(path, inference, trusted)
+
+
+def check_stored_config(path: str | Path, trusted: Sequence[str] = ()) -> None:
+    """Read the config stored in a checkpoint, run directory or exported file and check it against the allowlist
+    (rule D), building nothing: what ``segvoc.app.Preflight`` does before evaluate, predict or export write."""
+    if export_format(path) is not None:
+        exported_config(path, trusted)
+    else:
+        checkpoint_config(read_checkpoint(path), path, trusted)

@@ -25,6 +25,8 @@ from torch import nn
 from segvoc.deploy.exported import load_runner
 from segvoc.deploy.formats import FORMATS, METADATA_KEY, torchscript_quiet
 from segvoc.errors import ConfigError, ExportError
+from segvoc.extras import require
+from segvoc.safety.trust import SIGNATURE_KEY
 from segvoc.utils import one_line, temp_beside
 
 if TYPE_CHECKING:
@@ -195,6 +197,8 @@ def export(task: SegmentationTask, path: Path, fmt: str, metadata: dict[str, Any
     ``check_parity`` against the task before it replaces ``path`` (a failed check leaves an earlier export)."""
     if fmt not in FORMATS:
         raise ConfigError(f"format={fmt!r}: use onnx or torchscript")
+    if fmt == "onnx":
+        require("export", "format=onnx")
     module = deploy_model(task, returns)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {**metadata, "returns": returns, "format": fmt, "opset": opset if fmt == "onnx" else None}
@@ -226,6 +230,7 @@ def export_metadata(task: SegmentationTask, source: Path, epoch: int | None) -> 
     weights = getattr(task.criterion, "class_weight", None)
     return {
         "config": task.hparams.get("cfg"),
+        SIGNATURE_KEY: task.hparams.get(SIGNATURE_KEY),  # the checkpoint's signature of that config (safety.trust)
         "class_names": list(task.class_names),
         "class_weights": weights.tolist() if weights is not None else None,
         "epoch": epoch,

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from segvoc.config import choice
 from segvoc.errors import WeightsError
+from segvoc.safety.trust import SIGNATURE_KEY, check_config
 from segvoc.utils import atomic_write, one_line
 
 if TYPE_CHECKING:
@@ -65,7 +66,6 @@ MOVED_MODULES = {
     "segvoc.model_card": "segvoc.runs.model_card",
     "segvoc.exporting": "segvoc.deploy.exporting",
     "segvoc.exported": "segvoc.deploy.exported",
-    "segvoc.throughput": "segvoc.reporting.throughput",
 }
 
 
@@ -85,9 +85,48 @@ def upgrade_targets(node: Any) -> Any:
     return node
 
 
-def checkpoint_config(ckpt: dict[str, Any]) -> DictConfig:
-    """The run config stored in a checkpoint (old module paths upgraded, see ``upgrade_targets``)."""
-    return OmegaConf.create(upgrade_targets(ckpt["hyper_parameters"]["cfg"]))
+# Lightning callbacks segvoc 0.5 replaced by its own subclasses (a stored config naming them is read as the new one)
+REPLACED_TARGETS = {
+    "pytorch_lightning.callbacks.ModelCheckpoint": "segvoc.engine.callbacks.RunCheckpoint",
+    "pytorch_lightning.callbacks.EarlyStopping": "segvoc.engine.callbacks.ResumableEarlyStopping",
+    "pytorch_lightning.loggers.CSVLogger": "segvoc.engine.trackers.ResumableCSVLogger",
+}
+
+
+def upgrade_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A run config stored by an older segvoc, as today's code builds it: moved modules (``upgrade_targets``),
+    replaced Lightning classes (``REPLACED_TARGETS``) and, for configs of 0.4 and earlier (whose trainer node has no
+    ``_target_``), the callbacks that were then added in code, from ``conf/callbacks/default.yaml`` with the run's
+    own paths."""
+    cfg = _replaced(upgrade_targets(cfg))
+    if isinstance(cfg.get("trainer"), dict) and "_target_" not in cfg["trainer"] and "callbacks" in cfg:
+        from segvoc.config import CONF_DIR
+
+        defaults = OmegaConf.load(CONF_DIR / "callbacks" / "default.yaml")
+        own = {k: cfg[k] for k in ("paths", "log_images", "perf") if k in cfg}
+        scope = OmegaConf.merge({"log_images": 4, "perf": {"cudnn_benchmark": False}}, own, {"callbacks": defaults})
+        added = OmegaConf.to_container(scope.callbacks, resolve=True)
+        cfg["callbacks"] = {**{k: v for k, v in added.items() if k not in cfg["callbacks"]},
+                            **(cfg["callbacks"] or {})}
+    return cfg
+
+
+def _replaced(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: REPLACED_TARGETS.get(v, v) if k == "_target_" and isinstance(v, str) else _replaced(v)
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [_replaced(v) for v in node]
+    return node
+
+
+def checkpoint_config(ckpt: dict[str, Any], source: str | Path = "checkpoint", trusted: Any = ()) -> DictConfig:
+    """The run config stored in a checkpoint, once every ``_target_`` in it has passed the allowlist (rule D,
+    ``segvoc.safety.trust``: this user's signed configs pass as typed; ``trusted``: prefixes from
+    ``trusted_targets``), upgraded to today's layout (``upgrade_config``)."""
+    hparams = ckpt["hyper_parameters"]
+    check_config(hparams["cfg"], source, hparams.get(SIGNATURE_KEY), trusted or ())
+    return OmegaConf.create(upgrade_config(hparams["cfg"]))
 
 
 def load_state(task: SegmentationTask, state: dict[str, torch.Tensor], path: str | Path, cfg: DictConfig,

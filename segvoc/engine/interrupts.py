@@ -16,6 +16,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from segvoc.data.sampling import epoch_position
+from segvoc.engine.callbacks import NonFiniteLossCheck
 
 REQUEUE_SIGNAL = signal.SIGUSR2  # what submitit listens to (SLURM sends it signal_delay_s before the time limit)
 
@@ -30,7 +31,13 @@ def _is_submitit_handler(handler: Any) -> bool:
 
 
 # what a stop request asks for, ordered: under DDP the ranks agree on the largest code any rank holds
-NO_STOP, STOP_SIGTERM, STOP_SIGINT, STOP_REQUEUE = 0, 1, 2, 3
+NO_STOP, STOP_SIGTERM, STOP_SIGUSR1, STOP_SIGUSR2, STOP_SIGINT, STOP_REQUEUE = range(6)
+STOP_NAMES = {STOP_SIGTERM: "SIGTERM", STOP_SIGUSR1: "SIGUSR1", STOP_SIGUSR2: "SIGUSR2", STOP_SIGINT: "Ctrl-C",
+              STOP_REQUEUE: "the requeue signal (SIGUSR2)"}
+# outside submitit, SLURM's warning signals (sbatch --signal=USR1@90 / USR2@90; SIGUSR1 is also Lightning's own
+# requeue signal) save and stop like SIGTERM: a resumable stop, exit code 2
+STOP_SIGNALS = {signal.SIGTERM: STOP_SIGTERM, signal.SIGUSR1: STOP_SIGUSR1, signal.SIGUSR2: STOP_SIGUSR2,
+                signal.SIGINT: STOP_SIGINT}
 
 
 def stop_exception(code: int) -> BaseException:
@@ -40,6 +47,13 @@ def stop_exception(code: int) -> BaseException:
     if code == STOP_SIGINT:
         return KeyboardInterrupt()
     return SIGTERMException()
+
+
+def signal_name(exc: BaseException, preempt: PreemptionCheckpoint) -> str:
+    """What stopped a fit, for the one-line message: the signal the ranks agreed on, else Lightning's own."""
+    if preempt.stopped_by:
+        return preempt.stopped_by
+    return "SIGTERM" if isinstance(exc, SIGTERMException) else "Ctrl-C"
 
 
 class PreemptionCheckpoint(Callback):
@@ -73,13 +87,21 @@ class PreemptionCheckpoint(Callback):
         self.interrupted = False
         self.nonfinite_step: int | None = None
         self._requested = NO_STOP
+        self.stopped_by: str | None = None  # the signal the ranks agreed to stop for (STOP_NAMES)
         self._flag: torch.Tensor | None = None
         self._previous: dict[int, Any] = {}
         self._submitit_handler: Any = None
 
     def _take(self, signum: int) -> None:
-        if signum not in self._previous:
-            self._previous[signum] = signal.signal(signum, self._on_signal)
+        current = signal.getsignal(signum)
+        if current != self._on_signal:  # (again after Lightning installed its own handler over ours)
+            self._previous.setdefault(signum, current)
+            signal.signal(signum, self._on_signal)
+
+    def _take_user_signals(self) -> None:
+        for signum in (signal.SIGUSR1, signal.SIGUSR2):
+            if signum != REQUEUE_SIGNAL or self._submitit_handler is None:
+                self._take(signum)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._flag = torch.zeros(1, dtype=torch.int32, device=trainer.strategy.root_device)
@@ -88,16 +110,20 @@ class PreemptionCheckpoint(Callback):
             if _is_submitit_handler(signal.getsignal(REQUEUE_SIGNAL)):
                 self._submitit_handler = signal.getsignal(REQUEUE_SIGNAL)
                 self._take(REQUEUE_SIGNAL)
+            self._take_user_signals()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Lightning registers its SIGTERM handler after on_fit_start: take SIGTERM over only now
+        # Lightning registers its SIGTERM handler (and, under SLURM, its SIGUSR1 requeue) after on_fit_start: take
+        # them over only now
         if trainer.received_sigterm:  # came during the sanity check
             self._requested = max(self._requested, STOP_SIGTERM)
         if threading.current_thread() is threading.main_thread():
             self._take(signal.SIGTERM)
+            self._take_user_signals()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        code = {signal.SIGTERM: STOP_SIGTERM, signal.SIGINT: STOP_SIGINT, REQUEUE_SIGNAL: STOP_REQUEUE}[signum]
+        submitit = signum == REQUEUE_SIGNAL and self._submitit_handler is not None
+        code = STOP_REQUEUE if submitit else STOP_SIGNALS[signum]
         self._requested = max(self._requested, code)
         if signum == signal.SIGINT:  # a second Ctrl-C interrupts at once
             signal.signal(signal.SIGINT, self._previous.get(signal.SIGINT) or signal.default_int_handler)
@@ -120,6 +146,7 @@ class PreemptionCheckpoint(Callback):
         code = self._agreed_stop(trainer)
         if code != NO_STOP:
             self._requested = NO_STOP
+            self.stopped_by = STOP_NAMES[code]
             raise stop_exception(code)
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
@@ -152,8 +179,8 @@ class PreemptionCheckpoint(Callback):
         self.interrupted = True
         path = self.dirpath / "last.ckpt"
         done, total = epoch_position(trainer)
-        first_nonfinite = getattr(pl_module, "first_nonfinite_step", None)
-        step = first_nonfinite() if callable(first_nonfinite) else -1
+        check = next((c for c in trainer.callbacks if isinstance(c, NonFiniteLossCheck)), None)
+        step = check.first_nonfinite_step() if check is not None else -1
         nonfinite = trainer.strategy.reduce_boolean_decision(step >= 0, all=False)  # the same answer on every rank
         if nonfinite:
             self.nonfinite_step = step

@@ -1,13 +1,19 @@
-"""Lightning's MLflow logger, made to continue a run: a resumed training run logs into the MLflow run it started,
-without logging a step twice and without re-logging parameters that a resumed config states differently."""
+"""Lightning's MLflow and CSV loggers, made to continue a run: a resumed training run logs into the MLflow run it
+started (without logging a step twice or re-logging parameters that a resumed config states differently), and
+appends to its ``metrics.csv``."""
 
 from __future__ import annotations
 
+import csv
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
-from pytorch_lightning.loggers import MLFlowLogger
+from lightning_fabric.utilities.cloud_io import get_filesystem
+from pytorch_lightning.loggers import CSVLogger, MLFlowLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_only
 
 log = logging.getLogger("segvoc")
@@ -62,3 +68,44 @@ class ResumableMLFlowLogger(MLFlowLogger):
             if not params:
                 return
         super().log_hyperparams(params)
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer without its deletion: an existing ``metrics.csv`` is continued (its header kept), and
+    rows at or after ``purge_step`` (logged by an earlier launch after its last checkpoint; logged again now) are
+    dropped first, as TensorBoard's ``purge_step`` does."""
+
+    def __init__(self, log_dir: str, purge_step: int | None = None) -> None:
+        self.hparams: dict[str, Any] = {}
+        self.metrics: list[dict[str, float]] = []
+        self.metrics_keys: list[str] = []
+        self._fs = get_filesystem(log_dir)
+        self.log_dir = log_dir
+        self.metrics_file_path = os.path.join(log_dir, self.NAME_METRICS_FILE)
+        self._fs.makedirs(log_dir, exist_ok=True)
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                reader = csv.DictReader(f)
+                self.metrics_keys = list(reader.fieldnames or [])
+                rows = [r for r in reader if purge_step is None or not r.get("step") or int(r["step"]) < purge_step]
+            with self._fs.open(self.metrics_file_path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+                writer.writeheader()
+                writer.writerows(rows)
+
+
+class ResumableCSVLogger(CSVLogger):
+    """``logger=csv``: Lightning's ``CSVLogger``, whose history a resumed run continues (``version=""`` would delete
+    ``metrics.csv`` when the logger starts); ``purge_step`` as ``TensorBoardLogger``'s."""
+
+    def __init__(self, *args: Any, purge_step: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._purge_step = purge_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> _AppendingWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(self.log_dir, self._purge_step)
+        return self._experiment

@@ -185,3 +185,10 @@ def verdict(delta: float, p_adjusted: float, alpha: float, metric: str) -> str:
         return "not distinguishable"
     improved = delta < 0 if metric in LOWER_IS_BETTER else delta > 0
     return "better" if improved else "worse"
+
+
+def interval_fields(per_image: Mapping[str, np.ndarray], stats: Mapping) -> dict:
+    """The ``metrics.json`` fields of a split's bootstrap intervals (``ci``), from its per-image arrays and the
+    ``stats`` node (``conf/stats/default.yaml``)."""
+    return {"ci": bootstrap_ci(per_image, int(stats.get("bootstrap", 1000)), float(stats.get("confidence", 0.95)),
+                               int(stats.get("seed", 0)))}

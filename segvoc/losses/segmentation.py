@@ -2,19 +2,20 @@
 255 ignored, and optional class weights; each reduces in float32, also under bf16 autocast.
 
 Softmax-based throughout, so any of them may be given log-probabilities instead of logits (as evaluation does after
-test-time augmentation) and gives the same value. Dice and Lovász-softmax come from segmentation_models_pytorch.
+test-time augmentation) and gives the same value. Lovász-softmax comes from segmentation_models_pytorch (the smp
+extra, imported when the loss is built).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from segvoc.data.palette import IGNORE_INDEX
+from segvoc.extras import require
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int,
@@ -133,6 +134,7 @@ class Lovasz(SegmentationLoss):
             from segvoc.errors import ConfigError
 
             raise ConfigError("loss=lovasz has no class weights; use loss.class_weights=none")
+        smp = require("smp", "loss=lovasz")
         self.lovasz = smp.losses.LovaszLoss("multiclass", ignore_index=self.ignore_index)
 
     def pixel_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

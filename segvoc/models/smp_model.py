@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import segmentation_models_pytorch as smp
 import torch
 
 from segvoc.errors import ConfigError, WeightsError
+from segvoc.extras import require
 from segvoc.models.base import SegmentationModel
 
 
@@ -27,6 +27,7 @@ class SMPModel(SegmentationModel):
     def __init__(self, arch: str = "Unet", encoder: str = "resnet34", encoder_weights: str = "imagenet",
                  num_classes: int = 21) -> None:
         super().__init__()
+        smp = require("smp", "model=smp")
         self.num_classes = num_classes
         weights = None if encoder_weights in (None, "none") else encoder_weights
         try:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torchvision import models
@@ -22,6 +24,23 @@ def weights_help(arch: str) -> str:
             "or use model.weights=none")
 
 
+def check_cached_hash(url: str, arch: str) -> None:
+    """A hub file already in ``$TORCH_HOME/hub/checkpoints`` is checked against the sha256 prefix in its name (torch
+    checks only what it downloads); a mismatch is a one-line ``WeightsError``."""
+    name = Path(urlparse(url).path).name
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / name
+    known = torch.hub.HASH_REGEX.search(name)
+    if not cached.is_file() or known is None:
+        return
+    digest = hashlib.sha256()
+    with open(cached, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if not digest.hexdigest().startswith(known.group(1)):
+        raise WeightsError(f"{cached}: its sha256 does not start with {known.group(1)}, as its name says: not the "
+                           f"published {arch} weights; delete it to download them again, or {weights_help(arch)}")
+
+
 def load_backbone_state(weights: str | None, arch: str = "resnet34") -> dict[str, torch.Tensor] | None:
     """State dict for ``weights``: ``imagenet`` (torchvision IMAGENET1K_V1), ``none``/None, or a path to a saved
     state dict of ``arch``. Every failure is a one-line ``WeightsError`` saying how to fix it."""
@@ -29,11 +48,12 @@ def load_backbone_state(weights: str | None, arch: str = "resnet34") -> dict[str
         return None
     builder, imagenet = _ARCH[arch]
     if weights == "imagenet":
-        try:
-            return imagenet.get_state_dict(progress=True, check_hash=False)
+        check_cached_hash(imagenet.url, arch)
+        try:  # tensors only (never unpickled code), and a download checked against the hash in its name
+            return imagenet.get_state_dict(progress=True, check_hash=True, weights_only=True)
         except Exception as exc:  # offline: URLError, socket errors, ... all mean the same to the user
             raise WeightsError(
-                f"cannot get ImageNet {arch} weights ({type(exc).__name__}); {weights_help(arch)}"
+                f"cannot get ImageNet {arch} weights ({type(exc).__name__}: {str(exc)[:80]}); {weights_help(arch)}"
             ) from None
     path = Path(weights).expanduser()
     if not path.is_file():

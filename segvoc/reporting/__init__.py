@@ -1,1 +1,1 @@
-"""What ``segvoc.report`` and ``segvoc.bench`` compute: the report's tables and figures, and throughput."""
+"""What ``segvoc.report`` computes: a sweep's tables and figures, paired comparisons, the failure gallery."""

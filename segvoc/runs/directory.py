@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import io
-import json
-import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from segvoc.config import carry_overrides, stored_overrides
+from segvoc.config import carry_overrides
 from segvoc.engine.checkpoint import checkpoint_config, read_checkpoint
-from segvoc.engine.task import SegmentationTask
 from segvoc.errors import ConfigError
-from segvoc.evaluation.statistics import bootstrap_ci, confusion_scores
+from segvoc.evaluation.statistics import confusion_scores
 from segvoc.utils import atomic_write, atomic_write_text, write_json
 
 METRIC_KEYS = ("loss", "miou", "pixel_acc", "mean_class_acc", "per_class_iou", "boundary_miou",
@@ -41,7 +37,7 @@ def resume_config(cfg: DictConfig, overrides: list[str] | None = None) -> DictCo
     last = run_dir / "checkpoints" / "last.ckpt"
     if not last.is_file():
         raise ConfigError(f"resume={run_dir}: no checkpoints/last.ckpt there; pass the run directory of a segvoc run")
-    stored = checkpoint_config(read_checkpoint(last))
+    stored = checkpoint_config(read_checkpoint(last), last, cfg.get("trusted_targets") or ())
     moved_from = str(stored.paths.output_dir)
     if moved_from != str(run_dir):  # the run directory was moved or copied: its paths follow it
         stored = OmegaConf.create(_rebase(OmegaConf.to_container(stored), moved_from, str(run_dir)))
@@ -67,7 +63,7 @@ def check_resume_position(cfg: DictConfig, ckpt: dict[str, Any], path: str | Pat
     batches = int(states[0].get("batches", 0)) if states else 0
     if batches == 0:
         return
-    stored = checkpoint_config(ckpt)
+    stored = OmegaConf.create(ckpt["hyper_parameters"]["cfg"])  # settings only: nothing is built from it
     for key in POSITION_KEYS:
         old, new = OmegaConf.select(stored, key, default=1), OmegaConf.select(cfg, key, default=1)
         if str(old) != str(new):
@@ -113,57 +109,13 @@ def holds_run(run_dir: Path) -> bool:
     return (run_dir / "metrics.json").is_file() or any((run_dir / "checkpoints").glob("*.ckpt"))
 
 
-def clear_run(run_dir: Path) -> None:
-    """Delete what an earlier run left in ``run_dir`` (``overwrite=true``); this launch's config becomes
-    ``.hydra/``."""
-    for name in RUN_OUTPUTS:
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-    if (run_dir / ".hydra_resume").is_dir():  # written by this launch (config_subdir saw the old .hydra/)
-        shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
-        (run_dir / ".hydra_resume").rename(run_dir / ".hydra")
-
-
-@dataclass
-class AutoResume:
-    """What ``resume=auto`` decided for an output directory."""
-
-    action: str                              # start | resume | finished
-    cfg: DictConfig
-    metrics: dict[str, Any] | None = None    # the finished run's metrics.json
-
-
-def auto_resume(cfg: DictConfig, overrides: list[str]) -> AutoResume:
-    """``resume=auto`` in ``cfg.paths.output_dir``: resume an unfinished run (``checkpoints/last.ckpt``, no
-    ``metrics.json``), report a finished one, or start afresh. A run launched with other overrides than
-    ``overrides`` (what would be trained differs) is never resumed or skipped: that is a ``ConfigError``."""
-    out = Path(cfg.paths.output_dir)
-    before = stored_overrides(out)
-    finished = (out / "metrics.json").is_file()
-    last = out / "checkpoints" / "last.ckpt"
-    if before is not None and (finished or last.is_file()):
-        added, removed = launch_differences(overrides, before)
-        if added or removed:
-            raise ConfigError(f"{out}: holds a run launched with other overrides (now {added}, then "
-                              f"{removed}); use another hydra.sweep.dir / hydra.run.dir, or overwrite=true")
-    if finished:
-        return AutoResume("finished", cfg, json.loads((out / "metrics.json").read_text()))
-    if last.is_file():
-        with open_dict(cfg):
-            cfg.resume = str(out)
-        if before is not None:  # what differs from the launch that started the run
-            new = [o for o in overrides if o not in before]
-        else:  # no record of that launch: carry only what may change on resume
-            new = [o for o in overrides if _key(o) in RESUME_MAY_CHANGE
-                   or any(_key(o).startswith(a + ".") for a in RESUME_MAY_CHANGE)]
-        return AutoResume("resume", resume_config(cfg, new))
-    clear_run(out)  # at most a start that never reached a checkpoint
-    with open_dict(cfg):
-        cfg.resume = None
-    return AutoResume("start", cfg)
+def resume_overrides(overrides: list[str], before: list[str] | None) -> list[str]:
+    """What ``resume=auto`` carries onto a run it continues: the overrides typed now and not by the launch that
+    started it; without a record of that launch, only those that may change on resume (``RESUME_MAY_CHANGE``)."""
+    if before is not None:
+        return [o for o in overrides if o not in before]
+    return [o for o in overrides if _key(o) in RESUME_MAY_CHANGE
+            or any(_key(o).startswith(a + ".") for a in RESUME_MAY_CHANGE)]
 
 
 def ensure_writable(out: Path) -> None:
@@ -174,20 +126,22 @@ def ensure_writable(out: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=out / "checkpoints", prefix=".write-test-", delete=True) as probe:
             probe.write(b"ok")
     except OSError as exc:
-        raise ConfigError(f"{out}: run directory is not writable ({exc.strerror}); "
-                          "set paths.output_root (or SEGVOC_OUTPUTS) to a writable folder") from None
+        raise not_writable(out, exc) from None
 
 
-def split_scores(task: SegmentationTask, split: str, epoch: int | None,
-                 stats: Any = None) -> dict[str, Any]:
-    """The ``metrics.json`` entry of one split, from the task's last evaluation of it: the scores, the epoch and
-    ``ci``, percentile-bootstrap intervals over images (``stats.bootstrap`` resamples, ``stats.confidence``,
-    ``stats.seed``: ``conf/stats/default.yaml``)."""
-    scores = task.scores[split]
-    stats = stats or {}
-    ci = bootstrap_ci(scores["per_image"], int(stats.get("bootstrap", 1000)), float(stats.get("confidence", 0.95)),
-                      int(stats.get("seed", 0)))
-    return {**{k: scores[k] for k in METRIC_KEYS}, "ci": ci, "epoch": epoch}
+def not_writable(out: Path, exc: OSError) -> ConfigError:
+    """The one-line error of a run directory that cannot be written."""
+    return ConfigError(f"{out}: run directory is not writable ({exc.strerror}); set paths.output_root (or "
+                       "SEGVOC_OUTPUTS) to a writable folder")
+
+
+INTERVAL_KEYS = ("ci", "ci_method", "ci_na")  # what segvoc.evaluation.statistics.interval_fields adds
+
+
+def split_entry(scores: dict[str, Any], epoch: int | None) -> dict[str, Any]:
+    """The ``metrics.json`` entry of one scored split (``SegmentationTask.scores[split]``): the scores, their
+    bootstrap intervals over images and the epoch of the checkpoint scored."""
+    return {**{k: scores[k] for k in (*METRIC_KEYS, *INTERVAL_KEYS) if k in scores}, "epoch": epoch}
 
 
 def per_image_csv(ids: list[str], confusion: np.ndarray) -> str:
@@ -220,10 +174,10 @@ def read_per_image(out: Path, split: str) -> tuple[list[str], dict[str, np.ndarr
         return [str(i) for i in data["ids"]], {k: data[k] for k in data.files if k != "ids"}
 
 
-def write_scores(out: Path, task: SegmentationTask, metrics: dict[str, Any]) -> None:
-    """``metrics.json`` (``{split: scores}``), ``confusion.json`` (``{split: matrix}``) and the per-image files
-    (``write_per_image``) of the evaluated splits."""
-    write_json(out / "metrics.json", metrics)
-    write_json(out / "confusion.json", {s: task.scores[s]["confusion"].tolist() for s in metrics})
+def write_scores(out: Path, scores: dict[str, dict[str, Any]], metrics: dict[str, Any]) -> None:
+    """The per-image files (``write_per_image``) and ``confusion.json`` (``{split: matrix}``) of the evaluated
+    splits (``SegmentationTask.scores``), then ``metrics.json`` (``{split: entry}``)."""
     for split in metrics:
-        write_per_image(out, split, task.scores[split]["ids"], task.scores[split]["per_image"])
+        write_per_image(out, split, scores[split]["ids"], scores[split]["per_image"])
+    write_json(out / "confusion.json", {s: scores[s]["confusion"].tolist() for s in metrics})
+    write_json(out / "metrics.json", metrics)

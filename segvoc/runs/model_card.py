@@ -10,6 +10,7 @@ import hashlib
 import json
 import platform
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,6 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from segvoc.config import choice, stored_overrides
-from segvoc.data.palette import VOC_CLASSES
 from segvoc.tables import fmt_ci, markdown_table
 from segvoc.utils import atomic_write_text
 
@@ -112,14 +112,14 @@ def _split_rows(run_dir: Path) -> list[tuple[str, int, str]]:
 
 
 def model_card(run_dir: Path, cfg: DictConfig, model: nn.Module, fit: FitSummary | None, device: str,
-               tracking: list[str] | None = None) -> str:
+               tracking: list[str] | None = None, class_names: Sequence[str] | None = None) -> str:
     """The markdown text of the run's model card (see the module docstring for its sources); ``tracking``: lines
     naming the run's tracker runs (``segvoc.runs.trackers.tracker_lines``)."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
     weights_path = run_dir / "class_weights.json"
     weights = json.loads(weights_path.read_text()) if weights_path.is_file() else None
     total, trainable = parameter_counts(model)
-    names = VOC_CLASSES[: int(cfg.data.num_classes)]
+    names = list(class_names) if class_names is not None else [str(c) for c in range(int(cfg.data.num_classes))]
     model_name = choice(cfg, "model") or type(model).__name__
     infer = cfg.get("infer") or {}
     lines = [f"# Model card: {cfg.get('name', model_name)}", "",
@@ -193,9 +193,9 @@ def model_card(run_dir: Path, cfg: DictConfig, model: nn.Module, fit: FitSummary
 
 
 def write_model_card(run_dir: Path, cfg: DictConfig, model: nn.Module, fit: FitSummary | None,
-                     device: str, tracking: list[str] | None = None) -> Path:
+                     device: str, tracking: list[str] | None = None, class_names: Sequence[str] | None = None) -> Path:
     """Write ``MODEL_CARD.md`` into ``run_dir`` (atomically); returns its path."""
     path = run_dir / CARD_NAME
-    atomic_write_text(path, model_card(run_dir, cfg, model, fit, device, tracking))
+    atomic_write_text(path, model_card(run_dir, cfg, model, fit, device, tracking, class_names))
     return path
 

@@ -30,6 +30,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from segvoc.config import search_definition
+from segvoc.extras import require
 from segvoc.utils import atomic_write_text
 
 log = logging.getLogger("segvoc.optuna")
@@ -106,8 +107,9 @@ class OptunaStudy(Callback):
     """Continue a stored study to ``n_trials`` in total; write and print the best trial at the end."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        import optuna
         from hydra.core.hydra_config import HydraConfig
+
+        optuna = require("sweep", "hparams_search=optuna")
 
         # the study name and sweep dir may use ${hydra:...} (e.g. through ${name}): resolve them from this config
         HydraConfig.instance().set_config(config)

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from segvoc.config import stored_overrides
 from segvoc.engine.builders import logger_nodes
 from segvoc.errors import ConfigError, TrackerError
+from segvoc.extras import require
 from segvoc.runs.model_card import git_commit
 from segvoc.runs.seed_groups import config_without_seed
 from segvoc.utils import write_json
@@ -36,6 +37,7 @@ from segvoc.utils import write_json
 log = logging.getLogger("segvoc.trackers")
 TRACKER_FILE = "tracker.json"
 CHECKPOINT_CHOICES = ("none", "best", "all")
+TRACKERS = ("mlflow", "wandb")  # logger keys whose package is an extra of the same name
 ARTIFACTS = ("MODEL_CARD.md", "metrics.json", "confusion.json", "class_weights.json", TRACKER_FILE)
 
 
@@ -46,9 +48,13 @@ def read_tracker_file(run_dir: Path) -> dict[str, Any]:
 
 
 def check_trackers(cfg: DictConfig) -> None:
-    """Fail before training, in one line, when an ``http(s)://`` MLflow tracking URI does not answer, or when
-    ``logger.log_checkpoints`` is not one of ``none|best|all``."""
+    """Fail before training, in one line, when a tracker's extra is not installed (``logger=mlflow`` needs the
+    mlflow extra, ``logger=wandb`` the wandb extra), when an ``http(s)://`` MLflow tracking URI does not answer, or
+    when ``logger.log_checkpoints`` is not one of ``none|best|all``."""
     nodes = logger_nodes(cfg)
+    for tracker in TRACKERS:
+        if tracker in nodes:
+            require(tracker, f"logger={tracker}")
     choice = str((cfg.get("logger") or {}).get("log_checkpoints", "none"))
     if choice not in CHECKPOINT_CHOICES:
         raise ConfigError(f"logger.log_checkpoints={choice}: choose one of {'|'.join(CHECKPOINT_CHOICES)}")

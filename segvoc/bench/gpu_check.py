@@ -19,10 +19,10 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, open_dict
 
+from segvoc.bench import throughput as tp
+from segvoc.bench.syncs import SyncCounter, SyncWindow
 from segvoc.engine.builders import build_datamodule, build_model, build_task, build_trainer
 from segvoc.engine.perf import prepare_model
-from segvoc.reporting import throughput as tp
-from segvoc.reporting.syncs import SyncCounter, SyncWindow
 
 # dense bf16 tensor-core peaks (TFLOP/s) by a substring of torch.cuda.get_device_name(); first match wins
 BF16_PEAK_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "A100": 312.0,
@@ -63,7 +63,7 @@ def train_speed(cfg: DictConfig, batch_size: int, size: int, steps: int, device:
 def count_syncs(cfg: DictConfig, warmup: int, steps: int, device: torch.device) -> dict[str, Any]:
     """Host syncs per training step of a real fit (progress bar on, ``log_every_n_steps`` 100). On CUDA the
     warnings of ``torch.cuda.set_sync_debug_mode("warn")`` are counted (they see syncs inside kernels too); on the
-    CPU the patched calls of ``reporting.syncs``."""
+    CPU the patched calls of ``bench.syncs``."""
     import warnings
 
     with open_dict(cfg):

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 
 from segvoc.app import quiet_library_noise
+from segvoc.bench import throughput as tp
 from segvoc.config import CONF_DIR, compose
-from segvoc.reporting import throughput as tp
 from segvoc.utils import write_json
 
 REPORT_MODELS = ["fcn_baseline", "fcn_dilated", "resnet34_transfer", "unet"]
@@ -194,10 +194,10 @@ def _run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 
 def gpu_check(args: argparse.Namespace) -> dict[str, Any]:
-    """``--gpu-check``: the one-shot GPU check (``segvoc.reporting.gpu_check``); writes ``args.gpu_check_json`` and
+    """``--gpu-check``: the one-shot GPU check (``segvoc.bench.gpu_check``); writes ``args.gpu_check_json`` and
     prints a README-ready table. ``--dry-run``: every section on the CPU at tiny sizes."""
+    from segvoc.bench import gpu_check as gc
     from segvoc.data.synthetic import generate
-    from segvoc.reporting import gpu_check as gc
 
     dry = args.dry_run
     if not dry and not torch.cuda.is_available():
@@ -282,6 +282,3 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     return gpu_check(args) if args.gpu_check else run(args)
 
-
-if __name__ == "__main__":
-    main()
