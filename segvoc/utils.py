@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import math
@@ -9,9 +12,11 @@ import os
 import tempfile
 import textwrap
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
+
+from segvoc.errors import ConfigError
 
 
 def _clean(obj: Any) -> Any:
@@ -82,9 +87,52 @@ def one_line(text: str, width: int = 240) -> str:
 
 
 def files_key(paths: Sequence[str | Path]) -> str:
-    """A short key of files' paths, sizes and modification times: changes when any file is replaced or edited."""
+    """A short key of files' paths, sizes, modification and change times and inodes: changes when any file is
+    replaced or edited, also by a copy that keeps the size and sets the old mtime back (``os.utime``, ``cp -p``,
+    ``rsync -t``): the change time (ctime) of a write, rename or ``utime`` is the kernel's clock, which no file
+    operation sets back. Costs one ``stat`` per file, no reading of the contents."""
     h = hashlib.sha1()
     for p in paths:
         st = Path(p).stat()
-        h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}\n".encode())
     return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, setting: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` for the ``with`` block: the one lock helper for every lock segvoc
+    opens (decode cache, synthetic data, the data root), so that a shared folder works for every lab mate.
+
+    The file is opened without truncating; created, if missing, with the mode the umask gives (``os.open``'s
+    ``0o666``). It is opened read-write when we may (``flock`` on NFS needs it), else read-only: a lock file that
+    belongs to someone else, or lies on a read-only mount, still locks (``flock`` works on a read-only descriptor
+    on local file systems). The kernel drops the lock when the process dies. A lock that cannot be opened or taken
+    is a one-line ``ConfigError`` naming ``path`` and ``setting`` (the key that chose the folder)."""
+    path = Path(path)
+    fd = -1
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = _open_lock_file(path)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as exc:
+        if fd >= 0:
+            os.close(fd)
+        raise ConfigError(f"{path}: cannot lock ({exc.strerror or exc}); make {path.parent} writable for you, "
+                          f"or set {setting} to a folder you can write") from None
+    try:
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _open_lock_file(path: Path) -> int:
+    """A descriptor of ``path``: read-write (created if missing), else read-only when only reading is allowed."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        try:
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise exc from None

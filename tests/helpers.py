@@ -113,3 +113,33 @@ class HoldUntil(pl.Callback):
         deadline = time.time() + self.timeout
         while not self.release.exists() and time.time() < deadline:
             time.sleep(0.05)
+
+
+LAB_MATE = 65534  # "nobody": the other user of a shared folder, in tests run as root
+
+
+def shared_folder() -> Path:
+    """A fresh folder under /tmp that another user can read but not write (mode 0755; pytest's tmp_path is 0700
+    when run as root, which would hide it from that user). The caller removes it."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="segvoc-shared-", dir="/tmp"))
+    folder.chmod(0o755)
+    return folder
+
+
+def lab_mate(imports: str, body: str, *args: str) -> Any:
+    """Start ``python -c`` running ``imports``, then ``body`` as another user (``nobody``) when the tests run as
+    root, so that files this process made are someone else's: readable, not writable. The user is changed after
+    the imports (this Python lives under /root, which that user cannot read). Not root: all as this user (the
+    caller makes the files read-only with chmod, which binds a non-root user). Returns the Popen (text pipes)."""
+    import subprocess
+
+    from segvoc.config import REPO_ROOT
+
+    drop = (f"if os.geteuid() == 0:\n    os.setgroups([]); os.setgid({LAB_MATE}); os.setuid({LAB_MATE})\n"
+            "assert os.geteuid() != 0\n")
+    script = f"import os, sys\n{imports}\n{drop}{body}\n"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.Popen([sys.executable, "-c", script, *args], cwd="/tmp", env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)

@@ -152,3 +152,154 @@ def test_traceback_true_shows_the_traceback(tmp_path):
     r = _cli("segvoc.train", f"data.root={tmp_path}/nope", "traceback=true", f"paths.output_root={tmp_path}/o")
     assert r.returncode != 0 and "Traceback" in r.stderr
     assert "segvoc.errors.DatasetError: VOC 2012 not found" in r.stderr
+
+
+def _predict(ckpt: Path, src: Path, out: Path, *extra: str) -> dict:
+    from segvoc.config import compose
+    from segvoc.predict import predict
+
+    return predict(compose([f"ckpt={ckpt}", f"input={src}", f"output={out}", f"paths.output_dir={out.parent}",
+                            *extra], config_name="predict"))
+
+
+def _image(path: Path, h: int, w: int, seed: int = 0) -> Path:
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_predict_keeps_going_past_an_extreme_aspect_ratio(tiny_ckpt, tmp_path):
+    """A 100000 x 10 image (shrunk to max_side, its short side rounded to 0: a cv2.resize error that stopped the
+    whole folder) gets a mask of its own size, and the next input is predicted too."""
+    src = tmp_path / "in"
+    src.mkdir()
+    _image(src / "a_long.png", 10, 100000)
+    _image(src / "b.jpg", 30, 40)
+    result = _predict(tiny_ckpt, src, tmp_path / "out")
+    assert result["failed"] == [] and len(result["done"]) == 2
+    assert Image.open(tmp_path / "out" / "a_long.png").size == (100000, 10)
+    assert Image.open(tmp_path / "out" / "b.png").size == (40, 30)
+
+
+def test_predict_refuses_inputs_that_would_write_the_same_files(tiny_ckpt, tmp_path):
+    """a.jpg and a.png both made a.png (the second replaced the first): each is refused in one line naming the
+    other, and the rest of the folder is predicted."""
+    src = tmp_path / "in"
+    src.mkdir()
+    _image(src / "a.jpg", 20, 30)
+    _image(src / "a.png", 20, 30, seed=1)
+    _image(src / "b.jpg", 20, 30)
+    result = _predict(tiny_ckpt, src, tmp_path / "out")
+    assert result["done"] == [str(src / "b.jpg")]
+    assert result["failed"] == [f"{src / 'a.jpg'}: a.png would write the same a.png; rename one of them or predict "
+                                "them into different folders",
+                                f"{src / 'a.png'}: a.jpg would write the same a.png; rename one of them or predict "
+                                "them into different folders"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.png", "b_overlay.png"]
+
+
+def test_predict_into_the_input_folder_never_overwrites_an_input(tiny_ckpt, tmp_path):
+    """output= the input folder: an input whose mask or overlay would replace an input file (itself included) is
+    refused in one line before anything is written; the others are predicted beside their inputs."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a.jpg", "b.png", "c.jpg", "c_overlay.png"):
+        _image(src / name, 20, 30)
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    result = _predict(tiny_ckpt, src, src)
+    assert result["done"] == [str(src / "a.jpg")]
+    reasons = dict(line.split(": ", 1) for line in result["failed"])
+    assert reasons == {str(src / "b.png"): f"its output {src / 'b.png'} would overwrite itself; set output= to "
+                                           "another folder",
+                       str(src / "c.jpg"): f"its output {src / 'c_overlay.png'} would overwrite the input "
+                                           "c_overlay.png; set output= to another folder",
+                       str(src / "c_overlay.png"): f"its output {src / 'c_overlay.png'} would overwrite itself; set "
+                                                   "output= to another folder"}
+    assert {name: (src / name).read_bytes() for name in before} == before
+    assert (src / "a.png").is_file() and (src / "a_overlay.png").is_file()
+
+
+def test_predict_writes_each_output_atomically(tiny_ckpt, tmp_path, monkeypatch):
+    """A write that fails half-way (a full disk) leaves the earlier mask as it was and no partial or temporary
+    file; the input is reported in one line and the next one is predicted."""
+    import io
+
+    src = tmp_path / "in"
+    src.mkdir()
+    _image(src / "a.jpg", 20, 30)
+    _image(src / "b.jpg", 20, 30)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.png").write_bytes(b"an earlier mask")
+    real_save = Image.Image.save
+
+    def save_half(self, fp, format=None, **params):
+        if self.mode == "P" and self.width == 30 and not hasattr(save_half, "done"):  # a.jpg's mask, once
+            save_half.done = True
+            buf = io.BytesIO()
+            real_save(self, buf, format="PNG")
+            data = buf.getvalue()[: len(buf.getvalue()) // 2]
+            if isinstance(fp, str | Path):
+                Path(fp).write_bytes(data)
+            else:
+                fp.write(data)
+            raise OSError(28, "No space left on device")
+        return real_save(self, fp, format, **params)
+
+    monkeypatch.setattr(Image.Image, "save", save_half)
+    result = _predict(tiny_ckpt, src, out)
+    assert result["done"] == [str(src / "b.jpg")]
+    assert result["failed"] == [f"{src / 'a.jpg'}: failed (OSError: [Errno 28] No space left on device)"]
+    assert (out / "a.png").read_bytes() == b"an earlier mask"
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "b_overlay.png"]
+
+
+def test_predict_traceback_true_lets_an_unexpected_error_through(tiny_ckpt, tmp_path, monkeypatch):
+    """traceback=true: an error that is not a user error stops predict with its traceback, for whoever debugs it."""
+    src = tmp_path / "in"
+    src.mkdir()
+    _image(src / "a.jpg", 20, 30)
+
+    def broken_save(self, fp, format=None, **params):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", broken_save)
+    with pytest.raises(OSError, match="No space left"):
+        _predict(tiny_ckpt, src, tmp_path / "out", "traceback=true")
+
+
+@pytest.mark.slow
+def test_predict_cli_skips_a_bad_input_sums_up_and_exits_2(tiny_ckpt, tmp_path):
+    """One bad input among good ones: one line for it, the good masks written, a summary at the end, exit 2."""
+    src = tmp_path / "in"
+    src.mkdir()
+    _image(src / "a.jpg", 20, 30)
+    (src / "b.png").write_bytes(b"\x89PNG broken")
+    _image(src / "c.jpg", 20, 30)
+    r = _cli("segvoc.predict", f"ckpt={tiny_ckpt}", f"input={src}", f"output={tmp_path / 'o'}",
+             f"paths.output_root={tmp_path}")
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert [line for line in lines if line.startswith("skipped ")] == \
+        [line for line in lines if line.startswith(f"skipped {src / 'b.png'}: cannot read image")]
+    assert len([line for line in lines if line.startswith("skipped ")]) == 1
+    assert f"predicted 2 of 3 input(s) into {tmp_path / 'o'}; 1 failed:" in lines
+    assert lines[-1] == f"error: input={src}: 1 of 3 input(s) failed (listed above); the others were written"
+    assert "Traceback" not in r.stderr
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a.png", "a_overlay.png", "c.png", "c_overlay.png"]
+
+
+def test_deep_images_are_scaled_by_their_type_not_their_values(tmp_path):
+    """16-bit: 65535 is white, whatever the image's own maximum (a 12-bit camera's 4095 is dark, not white);
+    float: 0-1; a float image outside 0-1 or a 32-bit integer image is refused in one line."""
+    from segvoc.data.io import read_rgb
+
+    Image.fromarray(np.array([[0, 257 * 10, 257 * 100]], dtype=np.uint16)).save(tmp_path / "deep.png")
+    assert read_rgb(tmp_path / "deep.png")[0].tolist() == [[0] * 3, [10] * 3, [100] * 3]
+    Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32)).save(tmp_path / "float.tif")
+    assert read_rgb(tmp_path / "float.tif")[0].tolist() == [[0] * 3, [128] * 3, [255] * 3]
+    Image.fromarray(np.array([[0.0, 2.0]], dtype=np.float32)).save(tmp_path / "hdr.tif")
+    with pytest.raises(DatasetError, match=r"hdr.tif: float image with values outside 0-1 \(min 0, max 2\)"):
+        read_rgb(tmp_path / "hdr.tif")
+    Image.fromarray(np.array([[0, 70000]], dtype=np.int32)).save(tmp_path / "int32.tif")
+    with pytest.raises(DatasetError, match=r"int32.tif: 32-bit integer image has no known range"):
+        read_rgb(tmp_path / "int32.tif")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -318,6 +319,108 @@ def test_decode_cache_gives_the_same_batches_and_follows_file_changes(tmp_path):
     dm = build_datamodule(cfg)
     dm.setup("fit")
     assert len(list((tmp_path / "cache" / "decoded").glob("decoded_*.u8"))) == 2
+
+
+def _decode_cache_cfg(tmp_path: Path, root: Path, workers: int = 2):
+    return compose([f"paths.output_dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache", "data=synthetic",
+                    f"data.root={root}", "data.synthetic=null", "augment=report", "data.image_size=48",
+                    "data.batch_size=3", f"data.num_workers={workers}", "data.decode_cache=true"])
+
+
+def test_decode_cache_rebuilds_a_truncated_data_file_before_workers_read_it(tmp_path):
+    """A cache whose data file was cut short (a full disk, a killed copy) is built again, not read by the loader
+    workers (which failed on every batch that reached past the cut: its index alone counted as valid)."""
+    import torch
+
+    from segvoc.data.synthetic import generate
+
+    root = tmp_path / "mixed"
+    generate(root, num_train=6, num_val=2, sizes=[[61, 77], [77, 61]])
+    cfg = _decode_cache_cfg(tmp_path, root)
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
+    expected = list(dm.train_dataloader())
+    (data,) = (tmp_path / "cache" / "decoded").glob("decoded_*.u8")
+    size = data.stat().st_size
+    with open(data, "r+b") as f:
+        f.truncate(size // 2)
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
+    got = list(dm.train_dataloader())  # two loader workers read the cache
+    assert data.stat().st_size == size
+    for a, b in zip(expected, got, strict=True):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+
+
+def _same_size_jpeg(image: np.ndarray, size: int) -> bytes:
+    """``image`` as a JPEG of exactly ``size`` bytes: encoded small enough, then padded with a comment segment."""
+    for quality in range(95, 0, -5):
+        data = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])[1]
+        data = data.tobytes()
+        if len(data) + 4 <= size:
+            pad = size - len(data) - 4
+            return data[:2] + b"\xff\xfe" + (pad + 2).to_bytes(2, "big") + b"c" * pad + data[2:]
+    raise AssertionError("cannot encode the image small enough")
+
+
+def test_decode_cache_sees_a_file_replaced_with_the_same_size_and_mtime(tmp_path):
+    """A source image replaced by other pixels of the same byte size, its mtime set back (``cp -p``, ``rsync -t``,
+    ``os.utime``), is decoded again: the cache never serves the old pixels."""
+    from segvoc.data.synthetic import generate
+
+    root = tmp_path / "syn"
+    generate(root, num_train=4, num_val=2, height=40, width=56)
+    cfg = _decode_cache_cfg(tmp_path, root, workers=0)
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
+    old, _ = dm.datasets["train"].load(0)
+    path = root / "VOCdevkit" / "VOC2012" / "JPEGImages" / f"{dm.datasets['train'].ids[0]}.jpg"
+    st = path.stat()
+    path.write_bytes(_same_size_jpeg(255 - old, st.st_size))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
+    new, _ = dm.datasets["train"].load(0)
+    assert np.array_equal(new, load_image(path)) and not np.array_equal(new, old)
+
+
+def test_decode_cache_is_rebuilt_by_a_lab_mate_despite_my_lock_file(tmp_path):
+    """A shared ``paths.cache_dir`` where one user's build left its lock file (0644) behind: another user, who
+    cannot write that file (not root: it is made read-only), builds the cache; the lock opened with mode "w" was
+    a PermissionError with a traceback."""
+    import shutil
+
+    from segvoc.data.synthetic import generate
+    from segvoc.data.voc import VOCPairs
+    from tests.helpers import lab_mate, shared_folder
+
+    folder = shared_folder()
+    try:
+        voc = generate(folder / "syn", num_train=3, num_val=1, height=30, width=40)
+        ids = (voc / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+        cache = folder / "cache"
+        cache.mkdir(mode=0o777)
+        cache.chmod(0o777)  # a group-shared cache folder: everyone may add files
+        VOCPairs(voc, ids).use_decode_cache(cache)
+        (data,) = cache.glob("decoded_*.u8")
+        (lock,) = cache.glob("decoded_*.lock")
+        data.with_suffix(".json").unlink()  # as if the build had died before its index: only the lock is left
+        data.unlink()
+        if os.geteuid() != 0:
+            lock.chmod(0o444)
+        body = ("ds = VOCPairs(Path(sys.argv[1]), sys.argv[3:])\n"
+                "ds.use_decode_cache(Path(sys.argv[2]))\n"
+                "image, mask = ds.load(0)\n"
+                "assert np.array_equal(image, load_image(Path(sys.argv[1]) / 'JPEGImages' / f'{ds.ids[0]}.jpg'))\n"
+                "print('rebuilt')")
+        proc = lab_mate("from pathlib import Path; import numpy as np; from segvoc.data.voc import VOCPairs\n"
+                        "from segvoc.data.io import load_image", body, str(voc), str(cache), *ids)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and out.strip() == "rebuilt", err[-2000:]
+        assert data.stat().st_size == 30 * 40 * 4 * len(ids)
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_pipeline_steps_draw_independent_parameters(tmp_path):

@@ -408,3 +408,75 @@ def test_compiled_model_trains_compiled_and_evaluates_eager(tmp_path):
     task.train()
     task(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=g))  # a training forward
     assert len(compiled) >= 1
+
+
+def test_lock_helper_takes_a_lab_mates_lock_file_without_truncating_it():
+    """``segvoc.utils.file_lock`` on a lock file that belongs to someone else (0644, root's, in a folder the other
+    user cannot write; not root: chmod 0444): it opens read-only, keeps the file's content, and still excludes:
+    the lab mate's lock waits while this process holds it."""
+    import shutil
+    import time
+
+    from segvoc.utils import file_lock
+    from tests.helpers import lab_mate, shared_folder
+
+    folder = shared_folder()
+    try:
+        lock = folder / "decoded_x.lock"
+        lock.write_text("kept")
+        if os.geteuid() != 0:
+            lock.chmod(0o444)
+            folder.chmod(0o555)
+        body = ("print('ready', flush=True)\n"
+                "with file_lock(sys.argv[1], 'paths.cache_dir'):\n"
+                "    print(time.time(), flush=True)")
+        with file_lock(lock, "paths.cache_dir"):
+            proc = lab_mate("import time; from segvoc.utils import file_lock", body, str(lock))
+            assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+            time.sleep(0.5)
+            released = time.time()
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert float(out.split()[-1]) >= released  # it waited for this process's lock
+        assert lock.read_text() == "kept"  # opened without truncating
+    finally:
+        folder.chmod(0o755)
+        shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize(("umask", "expected"), [(0o022, 0o644), (0o002, 0o664)])
+def test_lock_file_is_created_with_the_umask_mode(tmp_path, umask, expected):
+    """A lock file segvoc creates gets what the umask gives (group-writable under 002, so a lab mate can open it
+    read-write, as flock on NFS needs)."""
+    from segvoc.utils import file_lock
+
+    with _Umask(umask), file_lock(tmp_path / "new.lock", "paths.cache_dir"):
+        pass
+    assert _mode(tmp_path / "new.lock") == expected
+
+
+def test_lock_that_cannot_be_created_is_one_line_naming_the_key():
+    """A lock file that is missing in a folder this user cannot write: one ``ConfigError`` line naming the file and
+    the key that chose the folder, not a PermissionError traceback."""
+    import shutil
+
+    from tests.helpers import lab_mate, shared_folder
+
+    folder = shared_folder()
+    try:
+        if os.geteuid() != 0:
+            folder.chmod(0o555)
+        body = ("try:\n"
+                "    with file_lock(sys.argv[1], 'paths.cache_dir'):\n"
+                "        pass\n"
+                "except ConfigError as exc:\n"
+                "    print(exc)")
+        proc = lab_mate("from segvoc.errors import ConfigError; from segvoc.utils import file_lock", body,
+                        str(folder / "x.lock"))
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert out.strip() == (f"{folder / 'x.lock'}: cannot lock (Permission denied); make {folder} writable for "
+                               "you, or set paths.cache_dir to a folder you can write")
+    finally:
+        folder.chmod(0o755)
+        shutil.rmtree(folder)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
+import os
 import subprocess
 import sys
 import tarfile
@@ -291,3 +292,88 @@ def test_two_launches_sharing_a_data_root_download_once(tmp_path, server, archiv
     assert hashlib.md5(archive.read_bytes()).hexdigest() == archives["md5"]["voc"]
     assert not list((root / "archives").glob("*.part"))
     assert check_tree(root / "VOCdevkit" / "VOC2012", "train")["problems"] == []
+
+
+def _tar_with(path: Path, crafted: tarfile.TarInfo | None) -> Path:
+    """A tar holding one ordinary file, then ``crafted`` (a member with no data)."""
+    with tarfile.open(path, "w") as tar:
+        _add(tar, "VOCdevkit/VOC2012/ok.txt", b"ok")
+        if crafted is not None:
+            tar.addfile(crafted)
+    return path
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, link
+    return info
+
+
+CRAFTED = {
+    "absolute": lambda out: _member(f"{out}/abs.txt"),
+    "dotdot": lambda out: _member("VOCdevkit/../../outside/up.txt"),
+    "symlink out": lambda out: _member("VOCdevkit/evil", tarfile.SYMTYPE, "../../outside"),
+    "symlink absolute": lambda out: _member("VOCdevkit/evil", tarfile.SYMTYPE, str(out)),
+    "hard link out": lambda out: _member("VOCdevkit/evil", tarfile.LNKTYPE, "../outside/x"),
+    "fifo": lambda out: _member("VOCdevkit/pipe", tarfile.FIFOTYPE),
+    "device": lambda out: _member("VOCdevkit/null", tarfile.CHRTYPE),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CRAFTED))
+def test_crafted_archive_member_is_refused_before_anything_is_extracted(kind, tmp_path, monkeypatch):
+    """Every member is checked before the first is extracted, whatever tarfile's own filter does: here it lets
+    everything through, as the filters of Python releases before the 2025 tarfile fixes did for crafted members."""
+    from segvoc.data.fetch import extract
+
+    real = tarfile.TarFile.extract
+    monkeypatch.setattr(tarfile.TarFile, "extract",
+                        lambda self, member, path="", **kw: real(self, member, path, filter="fully_trusted"))
+    outside = tmp_path / "outside"
+    crafted = CRAFTED[kind](outside)
+    archive = _tar_with(tmp_path / "VOCtrainval_11-May-2012.tar", crafted)
+    with pytest.raises(DatasetError) as err:
+        extract(archive, tmp_path / "root")
+    msg = str(err.value)
+    assert msg.startswith(f"{archive}: member {crafted.name!r} ") and "\n" not in msg, msg
+    assert not outside.exists() and not (tmp_path / "root" / "VOCdevkit").exists()  # nothing at all was written
+
+
+def test_archive_with_files_folders_and_links_that_stay_inside_extracts(tmp_path):
+    from segvoc.data.fetch import extract
+
+    archive = _tar_with(tmp_path / "a.tar", _member("VOCdevkit/VOC2012/alias.txt", tarfile.SYMTYPE, "ok.txt"))
+    assert extract(archive, tmp_path / "root")
+    assert (tmp_path / "root" / "VOCdevkit" / "VOC2012" / "alias.txt").read_text() == "ok"
+
+
+def test_complete_tree_on_a_read_only_shared_root_needs_no_lock():
+    """data.download=true on a complete tree that another user owns (not root: made read-only): nothing to do,
+    so no lock file either (opening one there was a PermissionError with a traceback)."""
+    import shutil
+
+    from segvoc.data.fetch import LOCK_NAME
+    from segvoc.data.sbd import build_marker
+    from tests.helpers import lab_mate, shared_folder
+
+    root = shared_folder()
+    try:
+        voc = root / "VOCdevkit" / "VOC2012"
+        (voc / "JPEGImages").mkdir(parents=True)  # extracted by hand, no archive beside it
+        build_marker(voc).parent.mkdir()
+        build_marker(voc).write_text("done\n")
+        urls = {"voc": "http://127.0.0.1:9/VOCtrainval_11-May-2012.tar", "sbd": "http://127.0.0.1:9/benchmark.tgz"}
+        if os.geteuid() != 0:
+            for folder in (voc / "SegmentationClassAug", voc / "JPEGImages", voc, voc.parent, root):
+                folder.chmod(0o555)
+        body = "\n".join(f"print(prepare_tree(sys.argv[1], {urls!r}, {{}}, {split!r}))" for split in ("train",
+                                                                                                  "train_aug"))
+        proc = lab_mate("from segvoc.data.fetch import prepare_tree", body, str(root))
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-2000:]
+        assert out.split() == [str(voc)] * 2
+        assert not (root / LOCK_NAME).exists()
+    finally:
+        for folder in (root, *root.rglob("*")):
+            folder.chmod(0o755)
+        shutil.rmtree(root)

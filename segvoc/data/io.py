@@ -74,14 +74,31 @@ def save_palette_mask(mask: np.ndarray, path: Path | BinaryIO) -> None:
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """Any common image as RGB uint8 (H,W,3): EXIF orientation applied, 16-bit scaled, alpha dropped."""
+    """Any common image as RGB uint8 (H,W,3): EXIF orientation applied, alpha dropped. Deeper images are scaled by
+    their type's range, never by their own values: 16-bit by 65535 (Pillow does the same for 16-bit RGB), float by 1
+    (values 0-1); a float image outside 0-1 and a 32-bit integer image have no known range and are refused."""
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im, dtype=np.float64)
-                arr = (arr / max(arr.max(), 1) * 255).astype(np.uint8)
-                return np.repeat(arr[..., None], 3, axis=2)
-            return np.asarray(im.convert("RGB"))
+            gray = _deep_gray_to_uint8(im, path)
+            return np.asarray(im.convert("RGB")) if gray is None else np.repeat(gray[..., None], 3, axis=2)
+    except DatasetError:
+        raise
     except Exception as exc:
         raise DatasetError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
+
+
+def _deep_gray_to_uint8(im: Image.Image, path: Path) -> np.ndarray | None:
+    """A 16-bit, 32-bit or float single-channel image as uint8 (H,W) scaled by its type's range; None for others."""
+    sixteen = im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG")  # older Pillow: "I" for PNG
+    if sixteen:
+        return np.round(np.asarray(im, dtype=np.float64) / 65535 * 255).clip(0, 255).astype(np.uint8)
+    if im.mode == "I":
+        raise DatasetError(f"{path}: 32-bit integer image has no known range; save it as 8- or 16-bit")
+    if im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+            raise DatasetError(f"{path}: float image with values outside 0-1 (min {np.nanmin(arr):g}, max "
+                               f"{np.nanmax(arr):g}); scale it to 0-1 or save it as 8- or 16-bit")
+        return np.round(arr * 255).astype(np.uint8)
+    return None

@@ -6,7 +6,6 @@ texture and shape, so a segmentation model can learn it; masks carry a 255 borde
 
 from __future__ import annotations
 
-import fcntl
 import json
 import tempfile
 from collections.abc import Sequence
@@ -18,7 +17,7 @@ import numpy as np
 from segvoc.data.io import save_palette_mask
 from segvoc.data.palette import IGNORE_INDEX
 from segvoc.safety import ownership
-from segvoc.utils import process_umask
+from segvoc.utils import file_lock, process_umask
 
 DEFAULT_CLASSES = (1, 7, 8, 12, 15)  # aeroplane, car, cat, dog, person
 
@@ -89,8 +88,7 @@ def generate(root: str | Path, num_train: int = 160, num_val: int = 80, height: 
     if marker.is_file() and json.loads(marker.read_text()) == params and voc.is_dir():
         return voc
     root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f".{root.name}.lock", "w") as lock:  # one writer; DDP ranks and sweep jobs wait
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(root.parent / f".{root.name}.lock", "data.root"):  # one writer; DDP ranks and sweep jobs wait
         if marker.is_file() and json.loads(marker.read_text()) == params and voc.is_dir():
             return voc
         check_root(root)  # refused before the tree is drawn, not after

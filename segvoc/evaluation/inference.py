@@ -124,7 +124,8 @@ def predict_mask(predict_log_probs: Forward, image: np.ndarray, device: torch.de
     exceeds ``max_side`` are shrunk for inference and the mask is resized back (nearest)."""
     h, w = image.shape[:2]
     scale = min(1.0, max_side / max(h, w))
-    src = cv2.resize(image, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA) if scale < 1 else image
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))  # a 100000 x 10 image keeps a 1-pixel side
+    src = cv2.resize(image, size, interpolation=cv2.INTER_AREA) if scale < 1 else image
     x = torch.from_numpy(np.ascontiguousarray(src.transpose(2, 0, 1)))[None].to(device)
     mask = predict_log_probs(x).argmax(1)[0].to(torch.uint8).cpu().numpy()
     if scale < 1:
