@@ -92,14 +92,36 @@ def _exit_one_line(exc: BaseException, cfg: DictConfig) -> None:
 
 
 def find_user_error(exc: BaseException | None) -> SegvocError | None:
-    """The ``SegvocError`` in an exception's cause chain (Hydra's ``instantiate`` and Lightning wrap them)."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
+    """The ``SegvocError`` behind an exception: in its causes or contexts, both followed (Hydra's ``instantiate``
+    and Lightning wrap them; an error raised while a loader shuts its workers down carries the worker's error as
+    context), or named by a DataLoader worker's re-raised message when torch could not rebuild its type."""
+    todo, seen = [exc], set()
+    while todo:
+        exc = todo.pop(0)
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
         if isinstance(exc, SegvocError):
             return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
+        from_worker = _worker_error(exc)
+        if from_worker is not None:
+            return from_worker
+        todo += [exc.__cause__, exc.__context__]
     return None
+
+
+def _worker_error(exc: BaseException) -> SegvocError | None:
+    """The ``SegvocError`` a DataLoader worker raised, from the text of the exception that carries it."""
+    import re
+
+    from segvoc import errors
+
+    text = str(exc)
+    if not (text.startswith("Caught ") and "Original Traceback" in text):
+        return None
+    found = re.findall(r"^segvoc\.errors\.(\w+): (.*)$", text, re.M)
+    kind = getattr(errors, found[-1][0], None) if found else None
+    return kind(found[-1][1]) if isinstance(kind, type) and issubclass(kind, SegvocError) else None
 
 
 def user_message(error: SegvocError) -> str:

@@ -303,3 +303,43 @@ def test_deep_images_are_scaled_by_their_type_not_their_values(tmp_path):
     Image.fromarray(np.array([[0, 70000]], dtype=np.int32)).save(tmp_path / "int32.tif")
     with pytest.raises(DatasetError, match=r"int32.tif: 32-bit integer image has no known range"):
         read_rgb(tmp_path / "int32.tif")
+
+
+def test_a_worker_side_data_error_is_one_line_whatever_carries_it(tmp_path, monkeypatch, capsys):
+    """Item 13: under load a corrupt image read by a loader worker could end as Hydra's "HYDRA_FULL_ERROR" exit 1.
+    Each way the worker's ``DatasetError`` can reach the entry point is forced here; each gives the one line and
+    exit code 2: torch could not rebuild the error's type (only its text carries it), a second error raised *from*
+    another while the worker's was being handled (shutting the workers down), and OpenCV raising instead of
+    returning None for a corrupt stream."""
+    import cv2
+    from omegaconf import OmegaConf
+
+    from segvoc.app import run_app
+    from segvoc.data.io import load_image
+    from segvoc.errors import DatasetError
+
+    original = f"{tmp_path}/a.jpg: cannot decode image (corrupt or not an image); re-extract or replace it"
+    text = ("Caught DatasetError in DataLoader worker process 1.\nOriginal Traceback (most recent call last):\n"
+            '  File "segvoc/data/voc.py", line 1, in load\n'
+            f"segvoc.errors.DatasetError: {original}\n")
+
+    def rebuilt_as_runtime_error(cfg):
+        raise RuntimeError(text) from None
+
+    def raised_from_another(cfg):
+        try:
+            raise DatasetError(original)
+        except DatasetError:
+            raise RuntimeError("DataLoader worker (pid 123) exited unexpectedly") from OSError("broken pipe")
+
+    (tmp_path / "a.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg \xff\xd9")
+    monkeypatch.setattr(cv2, "imdecode", lambda *a: (_ for _ in ()).throw(cv2.error("corrupt stream")))
+
+    def cv2_raises(cfg):
+        load_image(tmp_path / "a.jpg")
+
+    for fn in (rebuilt_as_runtime_error, raised_from_another, cv2_raises):
+        with pytest.raises(SystemExit) as exc:
+            run_app(fn, OmegaConf.create({}))
+        assert exc.value.code == 2, fn.__name__
+        assert capsys.readouterr().err.strip() == f"error: {original}", fn.__name__

@@ -41,7 +41,8 @@ def test_prediction_figure_has_column_titles_title_and_a_legend_of_the_classes_s
     assert [ax.get_title() for ax in axes[0]] == list(PANELS)
     assert fig.get_suptitle() == "4a_baseline, seed 0 (run 3)"
     assert [ax.get_ylabel() for ax in axes[:, 0]] == ["a", "b"]
-    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["background", "cat (outlined)", "person", "void (255)"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["background", "cat (outlined)", "person",
+                                                                 "void (255)"]
     # an all-background prediction is drawn grey, not as a black (missing-looking) panel; every panel outlined
     shown = np.asarray(axes[0, 2].images[0].get_array())
     assert (shown == FIGURE_BACKGROUND).all() and not (shown == 0).all(-1).any()

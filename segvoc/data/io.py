@@ -15,10 +15,14 @@ from segvoc.errors import DatasetError
 
 def load_image(path: Path) -> np.ndarray:
     """Decode an image file to RGB uint8 (H, W, 3); EXIF orientation is applied."""
-    data = np.fromfile(str(path), dtype=np.uint8) if Path(path).is_file() else None
-    if data is None:
-        raise DatasetError(f"{path}: image file is missing; restore it or remove its id from the split list")
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except OSError:  # missing, or gone between a check and the read
+        raise DatasetError(f"{path}: image file is missing; restore it or remove its id from the split list") from None
+    try:
+        img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    except cv2.error:  # some corrupt streams raise instead of returning None
+        img = None
     if img is None:
         raise DatasetError(f"{path}: cannot decode image (corrupt or not an image); re-extract or replace it")
     if path.suffix.lower() in (".jpg", ".jpeg") and not data[-2:].tobytes() == b"\xff\xd9":
