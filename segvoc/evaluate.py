@@ -30,7 +30,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     task, dm, epoch = prepare_evaluation(cfg)
     trainer = build_trainer(cfg, evaluation=True)
     (trainer.validate if cfg.split == "val" else trainer.test)(task, datamodule=dm, verbose=False)
-    metrics = {cfg.split: split_entry(task.scores[cfg.split], epoch)}
+    metrics = {cfg.split: split_entry(task.scores[cfg.split], epoch, task.class_names)}
     if trainer.is_global_zero:
         write_scores(out, task.scores, metrics)
         table, line = evaluation_text(cfg, task, metrics[cfg.split])

@@ -29,7 +29,7 @@ def predict(cfg: DictConfig) -> dict[str, list[str]]:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     task.to(device)
     return predict_inputs(task.predict_log_probs, inputs, Path(cfg.output), device, int(cfg.max_side),
-                          float(cfg.alpha), reraise=bool(cfg.traceback))
+                          float(cfg.alpha), task.class_names, task.palette, reraise=bool(cfg.traceback))
 
 
 def predict_and_check(cfg: DictConfig) -> dict[str, list[str]]:

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from segvoc.config import REPO_ROOT
-from segvoc.data.tree_check import check_tree
+from segvoc.data.tree_check import check_dataset
 from segvoc.data.voc import make_splits
 from segvoc.errors import DatasetError
 
@@ -46,10 +46,10 @@ def test_checker_lists_every_bad_pair(voc_mini, tmp_path):
     jpg = root / "JPEGImages" / "2007_000039.jpg"
     jpg.write_bytes(jpg.read_bytes()[:2000])  # truncated JPEG
     (root / "SegmentationClass" / "2007_000033.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")  # corrupt PNG
-    report = check_tree(tmp_path, progress=False)
+    report = check_dataset({"root": tmp_path}, progress=False)
     assert report["splits"] == {"train": 2, "val": 1, "test": 1}
-    joined = "\n".join(report["problems"])
-    assert len(report["problems"]) == 2 and "2007_000039.jpg" in joined and "2007_000033.png" in joined
+    joined = "\n".join(report["errors"])
+    assert len(report["errors"]) == 2 and "2007_000039.jpg" in joined and "2007_000033.png" in joined
     assert report["counts"][0] > 0 and report["counts"][1] > 0  # the good pairs were still counted
 
 
@@ -62,7 +62,7 @@ def test_checker_cli_exit_codes(voc_mini, tmp_path):
     mask[0, 0] = 77
     Image.fromarray(mask).save(root / "SegmentationClass" / "2007_000042.png")
     bad = _cli("segvoc.data.check", f"data.root={tmp_path / 'bad'}", f"paths.output_root={tmp_path}")
-    assert bad.returncode == 2 and "values [77]" in bad.stdout
+    assert bad.returncode == 2 and "values 77 (1 px)" in bad.stdout
     assert bad.stderr.strip().splitlines()[-1].startswith("error:") and "Traceback" not in bad.stderr
 
 

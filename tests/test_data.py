@@ -50,7 +50,7 @@ def test_rgb_mask_is_converted_or_rejected(tmp_path, voc_mini):
     bad = colorize(mask)
     bad[0, 0] = (1, 2, 3)
     Image.fromarray(bad).save(tmp_path / "bad.png")
-    with pytest.raises(DatasetError, match="outside the VOC palette"):
+    with pytest.raises(DatasetError, match="colours outside the 21 class colours"):
         load_mask(tmp_path / "bad.png")
 
 
@@ -182,7 +182,7 @@ def test_mask_with_bad_labels(tmp_path):
     from segvoc.data.io import save_palette_mask
 
     save_palette_mask(np.full((3, 3), 42, np.uint8), tmp_path / "m.png")
-    with pytest.raises(DatasetError, match=r"values \[42\]"):
+    with pytest.raises(DatasetError, match=r"values 42 \(9 px\) outside 0-20"):
         load_mask(tmp_path / "m.png")
 
 

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from segvoc.config import compose
-from segvoc.data.palette import VOC_CLASSES, palette_bytes
+from segvoc.data.palette import palette_bytes
+from segvoc.data.voc import VOC_CLASSES
 from segvoc.evaluate import evaluate
 from segvoc.evaluation.inference import InferenceConfig, infer
 from segvoc.predict import predict

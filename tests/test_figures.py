@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from segvoc.data.palette import VOC_CLASSES, VOC_COLORMAP
+from segvoc.data.palette import VOC_COLORMAP
+from segvoc.data.voc import VOC_CLASSES
 from segvoc.evaluation.figures import (
     CONFUSION_FONT,
     FIGURE_BACKGROUND,
@@ -36,7 +37,7 @@ def _rows():
 
 
 def test_prediction_figure_has_column_titles_title_and_a_legend_of_the_classes_shown():
-    fig = prediction_figure(_rows(), "4a_baseline, seed 0 (run 3)", ["a", "b"])
+    fig = prediction_figure(_rows(), "4a_baseline, seed 0 (run 3)", ["a", "b"], VOC_CLASSES)
     axes = np.array(fig.axes).reshape(2, 4)
     assert [ax.get_title() for ax in axes[0]] == list(PANELS)
     assert fig.get_suptitle() == "4a_baseline, seed 0 (run 3)"
@@ -55,7 +56,7 @@ def test_confusion_figure_drops_classes_absent_from_truth_and_prediction_and_say
     m = np.zeros((21, 21), int)
     m[0, 0], m[0, 8], m[8, 8], m[8, 0] = 1000, 30, 200, 50
     m[15, 12] = 4  # person only in the truth, dog only in the prediction: both kept
-    fig = confusion_figure(m, title="t")
+    fig = confusion_figure(m, VOC_CLASSES, title="t")
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_yticklabels()] == ["background", "cat", "dog", "person"]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["background", "cat", "dog", "person"]
@@ -63,7 +64,7 @@ def test_confusion_figure_drops_classes_absent_from_truth_and_prediction_and_say
     numbers = [t for t in ax.texts]
     assert sorted(t.get_text() for t in numbers) == ["0.03", "0.20", "0.80", "0.97", "1.00"]
     assert all(t.get_fontsize() >= 10 for t in numbers) and CONFUSION_FONT >= 10
-    full = confusion_figure(np.eye(21, dtype=int) + 1).axes[0]
+    full = confusion_figure(np.eye(21, dtype=int) + 1, VOC_CLASSES).axes[0]
     assert len(full.get_yticklabels()) == 21 and "not shown" not in full.get_title()
     assert all(t.get_fontsize() >= 10 for t in full.texts)  # legible with every class too
 
@@ -72,11 +73,12 @@ def test_overlay_legend_lists_only_the_classes_present_with_their_share():
     mask = np.zeros((100, 100), np.uint8)
     mask[:10, :20] = 15  # 2 %
     mask[50, 50] = 3  # 0.01 %
-    assert legend_entries(mask) == [(0, 0.9799), (15, 0.02), (3, 0.0001)]
-    assert [share_text(s) for _, s in legend_entries(mask)] == ["97.99 %", "2.00 %", "0.01 %"]
+    assert legend_entries(mask, 21) == [(0, 0.9799), (15, 0.02), (3, 0.0001)]
+    assert [share_text(s) for _, s in legend_entries(mask, 21)] == ["97.99 %", "2.00 %", "0.01 %"]
     assert share_text(1 / 500_000) == "<0.01 %"  # a present class never reads 0.00 %
     image = np.zeros((100, 100, 3), np.uint8)
-    small = overlay_with_legend(image[:20], np.zeros((20, 100), np.uint8) + (np.arange(100) >= 90) * 15)
+    small = overlay_with_legend(image[:20], np.zeros((20, 100), np.uint8) + (np.arange(100) >= 90) * 15, 0.5,
+                                VOC_CLASSES)
     assert small.shape[0] == 18 * 2 + 8  # two legend rows (18 px each): background and person, nothing else
 
 
@@ -84,7 +86,7 @@ def test_top_confused_pair_is_the_largest_off_diagonal_entry():
     m = np.array([[50, 3, 9], [7, 0, 0], [9, 0, 40]])  # truth rows; 9 twice: the first in row-major order
     assert top_confusion(m) == Confused(0, 2, 9)
     assert top_confusion(np.diag([5, 6, 7])) is None
-    assert Confused(8, 12, 40).text() == "cat → dog (40 px)"
+    assert Confused(8, 12, 40).text(VOC_CLASSES) == "cat → dog (40 px)"
 
 
 def test_gallery_picks_the_lowest_per_image_miou_lowest_first():

@@ -228,7 +228,7 @@ def test_tree_check_lists_every_problem_in_one_pass(voc_mini, tmp_path):
     import numpy as np
     from PIL import Image
 
-    from segvoc.data.tree_check import check_tree
+    from segvoc.data.tree_check import check_dataset
 
     root = tmp_path / "VOCdevkit" / "VOC2012"
     shutil.copytree(voc_mini, root)
@@ -241,14 +241,14 @@ def test_tree_check_lists_every_problem_in_one_pass(voc_mini, tmp_path):
     mask = np.array(Image.open(mask_path))
     mask[0, 0] = 50
     Image.fromarray(mask).save(mask_path)
-    report = check_tree(tmp_path, progress=False)
-    problems = report["problems"]
+    report = check_dataset({"root": tmp_path}, progress=False)
+    problems = report["errors"]
     assert len(problems) == 4, problems
     by_id = {i: [p for p in problems if i in p] for i in ("999999", "000032", "000033", "000042")}
     assert all(len(v) == 1 for v in by_id.values()), by_id
     assert "no JPEGImages/2007_999999.jpg and no SegmentationClass/2007_999999.png" in by_id["999999"][0]
     assert "no JPEGImages/2007_000032.jpg (" in by_id["000032"][0] and ".png" not in by_id["000032"][0]
-    assert "JPEGImages/2007_000033.jpg: " in by_id["000033"][0] and "[50]" in by_id["000042"][0]
+    assert "JPEGImages/2007_000033.jpg: " in by_id["000033"][0] and "values 50 (1 px)" in by_id["000042"][0]
     assert report["counts"][0] > 0  # the one good pair (2007_000039) was still counted
 
 

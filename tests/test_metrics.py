@@ -66,12 +66,14 @@ def _tiny_masks(tmp_path):
     import numpy as np
 
     from segvoc.data.io import save_palette_mask
+    from segvoc.data.palette import ClassSet
 
     a = np.array([[0, 0, 0, 0], [0, 0, 1, 255]], dtype=np.uint8)  # 6 bg, 1 aeroplane; 7 labelled pixels
     b = np.array([[0, 0, 1, 1], [2, 2, 2, 255]], dtype=np.uint8)  # 2 bg, 2 aeroplane, 3 bicycle; 7 labelled
     save_palette_mask(a, tmp_path / "a.png")
     save_palette_mask(b, tmp_path / "b.png")
-    return class_statistics([tmp_path / "a.png", tmp_path / "b.png"], num_classes=4)
+    return class_statistics([tmp_path / "a.png", tmp_path / "b.png"],
+                            ClassSet(("background", "aeroplane", "bicycle", "bird")))
 
 
 def test_class_statistics_by_hand(tmp_path):

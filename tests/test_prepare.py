@@ -151,7 +151,7 @@ def _sources(server, archives, **md5) -> tuple[dict, dict]:
 
 
 def test_fresh_prepare_builds_train_aug_and_a_second_run_downloads_nothing(tmp_path, server, archives):
-    from segvoc.data.tree_check import check_tree
+    from segvoc.data.tree_check import check_dataset
 
     urls, md5 = _sources(server, archives)
     voc = prepare_tree(tmp_path, urls, md5, "train_aug")
@@ -163,8 +163,8 @@ def test_fresh_prepare_builds_train_aug_and_a_second_run_downloads_nothing(tmp_p
         expected = archives["voc_masks"][i] if i in archives["voc_masks"] else archives["sbd_masks"][i]
         assert np.array_equal(built, expected), i
         assert Image.open(voc / "SegmentationClassAug" / f"{i}.png").mode == "P"
-    report = check_tree(voc, "train_aug")
-    assert report["problems"] == [] and report["splits"]["train"] == len(EXPECTED_TRAIN_AUG)
+    report = check_dataset({"root": voc, "train_split": "train_aug"}, progress=False)
+    assert report["errors"] == [] and report["splits"]["train"] == len(EXPECTED_TRAIN_AUG)
     server.requests.clear()
     stamp = (voc / "SegmentationClassAug" / "2008_000005.png").stat().st_mtime_ns
     prepare_tree(tmp_path, urls, md5, "train_aug")
@@ -269,7 +269,7 @@ def test_prepare_cli_and_train_download_use_the_same_code(tmp_path, server, arch
 def test_two_launches_sharing_a_data_root_download_once(tmp_path, server, archives):
     """Two processes (two ranks under srun, or two users) prepare the same data root at the same moment: the file
     lock makes the second wait and then find the tree done, instead of writing into the same ``.part`` file."""
-    from segvoc.data.tree_check import check_tree
+    from segvoc.data.tree_check import check_dataset
 
     urls, md5 = _sources(server, archives)
     server.slow = True  # a download that takes ~2 s: both processes are inside it together without the lock
@@ -291,7 +291,7 @@ def test_two_launches_sharing_a_data_root_download_once(tmp_path, server, archiv
     archive = root / "archives" / "VOCtrainval_11-May-2012.tar"
     assert hashlib.md5(archive.read_bytes()).hexdigest() == archives["md5"]["voc"]
     assert not list((root / "archives").glob("*.part"))
-    assert check_tree(root / "VOCdevkit" / "VOC2012", "train")["problems"] == []
+    assert check_dataset({"root": root / "VOCdevkit" / "VOC2012"}, progress=False)["errors"] == []
 
 
 def _tar_with(path: Path, crafted: tarfile.TarInfo | None) -> Path:

@@ -405,17 +405,17 @@ def test_prepare_data_runs_only_where_lightning_calls_it(smoke_cfg, tmp_path, mo
     not call it itself on every rank (under srun every rank would download into the same .part file)."""
     import inspect
 
-    from segvoc.data.datamodule import VOCDataModule
+    from segvoc.data.datamodule import SegmentationDataModule
     from segvoc.train import train
 
     callers: list[list[str]] = []
-    original = VOCDataModule.prepare_data
+    original = SegmentationDataModule.prepare_data
 
     def spy(self):
         callers.append([Path(f.filename).name for f in inspect.stack()[1:6]])
         return original(self)
 
-    monkeypatch.setattr(VOCDataModule, "prepare_data", spy)
+    monkeypatch.setattr(SegmentationDataModule, "prepare_data", spy)
     train(smoke_cfg("trainer.max_epochs=1", "data.subset=2"))
     assert callers, "prepare_data never ran"
     assert all("data_connector.py" in stack for stack in callers), callers  # every call came through Lightning

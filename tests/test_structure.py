@@ -185,3 +185,10 @@ def test_only_the_ownership_rule_deletes_folders():
     ``segvoc.safety.ownership``, which checks the folder's marker first."""
     offenders = [m for m, p in _modules().items() if "rmtree" in p.read_text() and m != "segvoc.safety.ownership"]
     assert not offenders, offenders
+
+
+def test_voc_class_names_live_only_in_the_voc_layout():
+    """Issue "your own data": VOC's class names reach an output only through the VOC dataset description; every
+    other module takes the dataset's names."""
+    offenders = [m for m, p in _modules().items() if "VOC_CLASSES" in p.read_text() and m != "segvoc.data.voc"]
+    assert not offenders, offenders

@@ -22,7 +22,6 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from segvoc.data.device_augment import DeviceAugment, augment_batch
-from segvoc.data.palette import VOC_CLASSES
 from segvoc.data.transforms import Normalize
 from segvoc.engine.builders import build_datamodule, build_loss, build_model, build_task, build_trainer
 from segvoc.engine.perf import prepare_model
@@ -41,11 +40,12 @@ def autocast(device: torch.device, precision: str) -> Any:
     return torch.autocast(device.type, enabled=False)
 
 
-def random_batch(batch_size: int, size: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images (N,3,S,S) and masks (N,S,S) of random content."""
+def random_batch(batch_size: int, size: int, device: torch.device, seed: int = 0,
+                 classes: int = 21) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (N,3,S,S) and masks (N,S,S) of random content (labels of ``classes`` classes: VOC's 21)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 256, (batch_size, 3, size, size), generator=g, dtype=torch.uint8)
-    y = torch.randint(0, len(VOC_CLASSES), (batch_size, size, size), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, classes, (batch_size, size, size), generator=g, dtype=torch.uint8)
     return x.to(device), y.to(device)
 
 
@@ -422,7 +422,7 @@ def break_even_images(compile_s: float, eager_img_s: float, compiled_img_s: floa
 
 
 def score_costs(device: torch.device, images: int = 1449, batch_size: int = 4, height: int = 375, width: int = 500,
-                batches: int = 3, resamples: int = 1000) -> dict[str, float]:
+                batches: int = 3, resamples: int = 1000, classes: int = 21) -> dict[str, float]:
     """Seconds per validation epoch of ``images`` VOC-sized images that each score costs on ``device``, measured on
     ``batches`` random batches and scaled: the plain confusion matrix, and what the per-image matrices, Boundary
     IoU and ECE add; plus the bootstrap interval of one split (``images`` x 21 classes x ``resamples``)."""
@@ -434,7 +434,7 @@ def score_costs(device: torch.device, images: int = 1449, batch_size: int = 4, h
     from segvoc.evaluation.per_image import per_image_confusion
     from segvoc.evaluation.statistics import bootstrap_ci
 
-    c = len(VOC_CLASSES)
+    c = classes
     g = torch.Generator().manual_seed(0)
     log_probs = torch.randn(batch_size, c, height, width, generator=g).log_softmax(1).to(device)
     target = torch.randint(0, c, (batch_size, height, width), generator=g).to(device)

@@ -14,13 +14,13 @@ from omegaconf import DictConfig
 from segvoc import config as _config  # noqa: F401  (registers resolvers)
 from segvoc.app import run_app
 from segvoc.data.synthetic import generate
-from segvoc.data.tree_check import check_configured_tree
+from segvoc.data.tree_check import check_configured
 
 
 def check(cfg: DictConfig) -> dict[str, Any]:
     if cfg.data.get("synthetic"):
         generate(cfg.data.root, **dict(cfg.data.synthetic))
-    return check_configured_tree(cfg.data, int(cfg.max_problems))
+    return check_configured(cfg.data, int(cfg.max_problems))
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="check")

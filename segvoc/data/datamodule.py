@@ -1,4 +1,5 @@
-"""``VOCDataModule``: VOC 2012 (or the synthetic stand-in) as Lightning train/val/test loaders."""
+"""``SegmentationDataModule``: a dataset (VOC 2012, its synthetic stand-in, or your own folder) as Lightning's
+train/val/test loaders."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from torch.utils.data import DataLoader
 from segvoc.data import synthetic
 from segvoc.data.device_augment import DeviceAugment, augment_batch
 from segvoc.data.fetch import prepare_tree
+from segvoc.data.layouts import dataset_classes, open_layout
+from segvoc.data.pairs import SegmentationPairs
 from segvoc.data.sampling import EpochShuffleSampler, ResumableLoader, SizeGroupedBatches, epoch_position
 from segvoc.data.transforms import build_pipeline, pad_collate
-from segvoc.data.voc import VOCPairs, make_splits, mask_dir_for, resolve_voc_root
 
 
 def resolve_loader_settings(num_workers: int | str, pin_memory: bool | str,
@@ -42,8 +44,10 @@ def resolve_eval_batch_size(eval_batch_size: int | str, batch_size: int, acceler
     return int(eval_batch_size)
 
 
-class VOCDataModule(pl.LightningDataModule):
-    """VOC 2012 in the official layout. ``test`` is a seeded half of the official val list (see ``make_splits``).
+class SegmentationDataModule(pl.LightningDataModule):
+    """A dataset of images and masks in one of its layouts (``data.layout``: ``voc``, VOC 2012's official layout,
+    ``test`` a seeded half of the official val list; ``folder``, your own ``images/``, ``masks/`` and
+    ``classes.yaml``: ``segvoc.data.layouts``).
 
     Training samples go through the ``augment.train`` pipeline (fixed-size crops); val/test samples stay at
     full resolution, batched only with images of the same size (never padded), so metrics are computed on
@@ -57,6 +61,7 @@ class VOCDataModule(pl.LightningDataModule):
     def __init__(
         self,
         root: str,
+        layout: str = "voc",
         train_split: str = "train",
         test_fraction: float = 0.5,
         split_seed: int = 0,
@@ -75,18 +80,25 @@ class VOCDataModule(pl.LightningDataModule):
         decode_cache: bool = False,
         cache_dir: str | None = None,
         device_augment: bool = False,
-        num_classes: int = 21,
+        num_classes: int | None = 21,
+        class_names: Sequence[str] | None = None,
+        colors: Sequence[Sequence[int]] | None = None,
+        ignore_index: int = 255,
+        val_fraction: float = 0.1,
         image_size: int | None = None,
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         std: Sequence[float] = (0.229, 0.224, 0.225),
         accelerator: str | None = None,
     ) -> None:
-        """The keys of ``conf/data`` (``image_size``, ``mean`` and ``std`` are read by the augmentation and the task),
+        """The keys of ``conf/data`` (``image_size``, ``mean`` and ``std`` are read by the augmentation and the task;
+        ``num_classes``, ``class_names``, ``colors``, ``ignore_index``: the classes, from the layout when not given),
         and what the run adds: ``augment`` (``conf/augment``), ``split_dir`` (where the id lists used are written),
         ``seed``, ``cache_dir`` and ``accelerator`` (for ``auto`` loader settings)."""
         super().__init__()
         self.root = root
+        self.layout_name = layout
         self.train_split = train_split
+        self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.split_seed = split_seed
         self.subset = subset
@@ -101,22 +113,25 @@ class VOCDataModule(pl.LightningDataModule):
         self.seed = seed
         self.decode_cache = decode_cache
         self.cache_dir = cache_dir
-        self.num_classes = num_classes
+        data = {"layout": layout, "root": root, "num_classes": num_classes, "class_names": class_names,
+                "colors": colors, "ignore_index": ignore_index}
+        self.classes = dataset_classes(data)
+        self.num_classes = self.classes.num_classes
         # translated now, so a preset it cannot run is one line before anything starts
         self.device_augment = DeviceAugment.from_steps(self.augment.get("train")) if device_augment else None
-        self.voc: Path | None = None
+        self.layout: Any = None
         self.splits: dict[str, list[str]] = {}
-        self.datasets: dict[str, VOCPairs] = {}
+        self.datasets: dict[str, SegmentationPairs] = {}
 
     def prepare_data(self) -> None:
         """Generate the synthetic tree, or (``download``) get what is missing of VOC 2012 and, for ``train_aug``,
         SBD, as ``segvoc.data.prepare`` does (rank 0 only under DDP)."""
         if self.synthetic_cfg is not None:
             synthetic.generate(self.root, **dict(self.synthetic_cfg))
-        elif self.download:
+        elif self.download and self.layout_name == "voc":
             prepare_tree(self.root, self.sources["urls"], self.sources["md5"], self.train_split)
         else:
-            resolve_voc_root(self.root)
+            self._open()
 
     def setup(self, stage: str | None = None) -> None:
         """Resolve the tree, make the splits (cheap existence checks) and build the datasets."""
@@ -124,13 +139,14 @@ class VOCDataModule(pl.LightningDataModule):
             return
         if self.synthetic_cfg is not None:
             self.prepare_data()  # idempotent; needed when setup() is called without prepare_data()
-        self.voc = resolve_voc_root(self.root)
-        self.splits = make_splits(self.voc, self.train_split, self.test_fraction, self.split_seed, self.subset)
+        layout = self._open()
+        self.splits = layout.splits(self.subset)
         train_tf = None if self.device_augment else build_pipeline(self.augment.get("train"))
         eval_tf = build_pipeline(self.augment.get("eval"))
         self.datasets = {
-            split: VOCPairs(self.voc, ids, mask_dir_for(self.voc, split, self.train_split),
-                            train_tf if split == "train" else eval_tf, seed=self.seed, num_classes=self.num_classes)
+            split: SegmentationPairs(ids, [layout.image_path(split, i) for i in ids],
+                                     [layout.mask_path(split, i) for i in ids], self.classes,
+                                     train_tf if split == "train" else eval_tf, seed=self.seed)
             for split, ids in self.splits.items()
         }
         self.datasets["train"].device_augment = self.device_augment
@@ -138,6 +154,14 @@ class VOCDataModule(pl.LightningDataModule):
             self.datasets["train"].use_decode_cache(Path(self.cache_dir or self.root) / "decoded")
         if self.split_dir and rank_zero_only.rank == 0:
             self.write_splits(Path(self.split_dir))
+
+    def _open(self) -> Any:
+        """The dataset's layout, checked on disk (``segvoc.data.layouts.open_layout``)."""
+        if self.layout is None:
+            self.layout = open_layout({"layout": self.layout_name, "root": self.root, "train_split": self.train_split,
+                                       "test_fraction": self.test_fraction, "val_fraction": self.val_fraction,
+                                       "split_seed": self.split_seed}, self.classes)
+        return self.layout
 
     def write_splits(self, out: Path) -> None:
         """Write the id lists actually used, one file per split, for provenance."""

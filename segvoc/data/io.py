@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -9,7 +10,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from segvoc.data.palette import IGNORE_INDEX, NUM_CLASSES, palette_bytes, rgb_to_index
+from segvoc.data.palette import IGNORE_INDEX, VOC_COLORMAP, palette_bytes, rgb_to_index
 from segvoc.errors import DatasetError
 
 
@@ -30,12 +31,13 @@ def load_image(path: Path) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def load_mask(path: Path, num_classes: int = NUM_CLASSES, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
-    """Read a mask as class indices uint8 (H, W): 0..num_classes-1, ``ignore_index`` (255) = not labelled; any
-    other value is a ``DatasetError`` naming the file, the values and ``data.num_classes``.
+def load_mask(path: Path, num_classes: int = 21, ignore_index: int = IGNORE_INDEX,
+              colors: Sequence[Sequence[int]] | np.ndarray | None = VOC_COLORMAP[:21]) -> np.ndarray:
+    """Read a mask as class indices uint8 (H, W): 0..num_classes-1, ``ignore_index`` (255) = not labelled.
 
-    Palette ('P') and grayscale ('L', e.g. SBD ``SegmentationClassAug``) PNGs hold indices directly;
-    an RGB mask is converted with the VOC colour map when every colour in it is a VOC colour.
+    One-channel PNGs (palette 'P' or grayscale 'L', e.g. SBD's ``SegmentationClassAug``) hold the indices; a colour
+    mask (RGB) is read through ``colors`` (one colour per class; default VOC's 21), refused without them. Any other
+    value is a ``DatasetError`` naming the file, the values with their pixel counts, and ``data.num_classes``.
     """
     if not Path(path).is_file():
         raise DatasetError(f"{path}: mask file is missing; restore it or remove its id from the split list")
@@ -47,33 +49,45 @@ def load_mask(path: Path, num_classes: int = NUM_CLASSES, ignore_index: int = IG
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise DatasetError(f"{path}: cannot read mask ({exc}); re-extract or replace it") from None
     if mode in ("RGB", "RGBA"):
-        idx = rgb_to_index(arr[..., :3])
+        if colors is None:
+            raise DatasetError(f"{path}: mask is a colour image and classes.yaml gives no colors; add colors: "
+                               "[[r, g, b], ...] (one per class, in index order) or save masks as one-channel PNGs "
+                               "of class indices")
+        idx = rgb_to_index(arr[..., :3], colors, ignore_index)
         if idx is None:
             raise DatasetError(
-                f"{path}: mask is an RGB image with colours outside the VOC palette; "
-                "save masks as palette PNGs of class indices 0-20 (255 = ignore)"
+                f"{path}: mask is a colour image with colours outside the {len(colors)} class colours; save masks as "
+                f"palette PNGs of class indices 0-{num_classes - 1} ({ignore_index} = ignore), or fix the colours"
             )
         return idx
     if mode not in ("P", "L"):
         raise DatasetError(f"{path}: mask mode {mode!r} is not supported; save it as a palette or 8-bit PNG")
     arr = np.ascontiguousarray(arr, dtype=np.uint8)
-    valid = np.zeros(256, dtype=bool)
-    valid[:num_classes] = True
-    valid[ignore_index] = True
-    bad = ~valid[arr]
-    if bad.any():
-        vals = sorted({int(v) for v in np.unique(arr[bad])})[:8]
+    bad = out_of_range(arr, num_classes, ignore_index)
+    if bad:
+        shown = ", ".join(f"{v} ({n} px)" for v, n in list(bad.items())[:8])
         raise DatasetError(
-            f"{path}: mask has values {vals} outside 0-{num_classes - 1} and {ignore_index} (data.num_classes="
+            f"{path}: mask has values {shown} outside 0-{num_classes - 1} and {ignore_index} (data.num_classes="
             f"{num_classes}); fix the mask, map those labels to {ignore_index} (ignore), or raise data.num_classes"
         )
     return arr
 
 
-def save_palette_mask(mask: np.ndarray, path: Path | BinaryIO) -> None:
-    """Write a class-index mask (H, W uint8) as a VOC palette PNG (to a path or an open binary file)."""
+def out_of_range(mask: np.ndarray, num_classes: int, ignore_index: int = IGNORE_INDEX) -> dict[int, int]:
+    """``{value: pixel count}`` of the mask's values that are neither a class (0..num_classes-1) nor the ignore
+    label."""
+    counts = np.bincount(mask.reshape(-1), minlength=256)
+    valid = np.zeros(256, dtype=bool)
+    valid[:num_classes] = True
+    valid[ignore_index] = True
+    return {int(v): int(counts[v]) for v in np.flatnonzero(counts * ~valid)}
+
+
+def save_palette_mask(mask: np.ndarray, path: Path | BinaryIO, palette: np.ndarray = VOC_COLORMAP) -> None:
+    """Write a class-index mask (H, W uint8) as a palette PNG in the dataset's colours (to a path or an open binary
+    file): pixel values are class indices."""
     im = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8))
-    im.putpalette(palette_bytes())
+    im.putpalette(palette_bytes(palette))
     im.save(path, format="PNG")
 
 

@@ -16,12 +16,12 @@ from omegaconf import DictConfig
 from segvoc import config as _config  # noqa: F401  (registers resolvers)
 from segvoc.app import run_app
 from segvoc.data.fetch import prepare_tree
-from segvoc.data.tree_check import check_configured_tree
+from segvoc.data.tree_check import check_configured
 
 
 def prepare(cfg: DictConfig) -> dict[str, Any]:
     prepare_tree(cfg.data.root, cfg.data.urls, cfg.data.md5, cfg.data.train_split)
-    return check_configured_tree(cfg.data, int(cfg.max_problems))
+    return check_configured(cfg.data, int(cfg.max_problems))
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="prepare")

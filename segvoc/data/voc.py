@@ -5,19 +5,16 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import torch
-from PIL import Image
-from torch.utils.data import Dataset
-
-from segvoc.data.io import load_image, load_mask
-from segvoc.data.palette import NUM_CLASSES
-from segvoc.data.sampling import mix_seed
-from segvoc.data.transforms import seed_pipeline
+from segvoc.data.pairs import SegmentationPairs
+from segvoc.data.palette import VOC_COLORMAP, ClassSet
 from segvoc.errors import DatasetError
 
+VOC_CLASSES: tuple[str, ...] = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+VOC_CLASS_SET = ClassSet(VOC_CLASSES, tuple(tuple(int(v) for v in c) for c in VOC_COLORMAP[:21]))
 REQUIRED_DIRS = ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation")
 AUG_MASK_DIR = "SegmentationClassAug"
 
@@ -134,89 +131,48 @@ def mask_dir_for(voc: Path, split: str, train_split: str) -> str:
     return "SegmentationClass"
 
 
-class VOCPairs(Dataset):
-    """Image/mask pairs of one split. Items: ``{"image": uint8 (3,H,W), "mask": uint8 (H,W), "id": str}``."""
+def VOCPairs(voc: Path, ids: Sequence[str], mask_dir: str = "SegmentationClass",  # noqa: N802
+             transform: Callable[..., dict] | None = None, seed: int = 0,
+             classes: ClassSet = VOC_CLASS_SET) -> SegmentationPairs:
+    """The pairs of ``ids`` in a VOC tree (``JPEGImages/<id>.jpg``, ``<mask_dir>/<id>.png``)."""
+    voc = Path(voc)
+    return SegmentationPairs(ids, [voc / "JPEGImages" / f"{i}.jpg" for i in ids],
+                             [voc / mask_dir / f"{i}.png" for i in ids], classes, transform, seed)
 
-    def __init__(
-        self,
-        voc: Path,
-        ids: Sequence[str],
-        mask_dir: str = "SegmentationClass",
-        transform: Callable[..., dict] | None = None,
-        seed: int = 0,
-        num_classes: int = NUM_CLASSES,
-    ) -> None:
-        self.voc = Path(voc)
-        self.num_classes = num_classes
-        self.ids = list(ids)
-        self.mask_dir = mask_dir
-        self.transform = transform
-        self.seed = seed
-        self._sizes: list[tuple[int, int]] | None = None
-        self.decoded: Any = None  # DecodedPairs when data.decode_cache is on
-        self.device_augment: Any = None  # DeviceAugment when data.device_augment is on: plans, no transform
 
-    def __len__(self) -> int:
-        return len(self.ids)
+class VOCLayout:
+    """PASCAL VOC 2012's layout as a dataset description: ``VOCdevkit/VOC2012/{JPEGImages, SegmentationClass,
+    ImageSets/Segmentation}`` under ``root``, VOC's 21 class names and palette, ``test`` a seeded
+    ``test_fraction`` of the official val list (``make_splits``)."""
 
-    def mask_paths(self) -> list[Path]:
-        """The mask file of every id, in order."""
-        return [self.voc / self.mask_dir / f"{i}.png" for i in self.ids]
+    name = "voc"
 
-    def sizes(self) -> list[tuple[int, int]]:
-        """(H, W) of every pair, in order, read from the mask files' headers (no decoding; cached)."""
-        if self._sizes is None:
-            sizes = []
-            for path in self.mask_paths():
-                try:
-                    with Image.open(path) as im:
-                        sizes.append((im.height, im.width))
-                except OSError:
-                    raise DatasetError(f"{path}: cannot read this mask; restore it or remove its id from the "
-                                       "split list") from None
-            self._sizes = sizes
-        return self._sizes
+    def __init__(self, root: str | Path, train_split: str = "train", test_fraction: float = 0.5,
+                 split_seed: int = 0, classes: ClassSet = VOC_CLASS_SET) -> None:
+        self.root = Path(root).expanduser()
+        self.voc = resolve_voc_root(self.root)
+        self.train_split, self.test_fraction, self.split_seed = train_split, test_fraction, split_seed
+        self.classes = classes
 
-    def use_decode_cache(self, cache_dir: Path) -> None:
-        """Read pairs from a one-time decoded, memory-mapped copy (``data.decode_cache``; ``segvoc.data.decoded``)."""
-        from segvoc.data.decoded import DecodedPairs
+    def splits(self, subset: int | None = None, check_files: bool = True) -> dict[str, list[str]]:
+        return make_splits(self.voc, self.train_split, self.test_fraction, self.split_seed, subset, check_files)
 
-        self.decoded = None  # the cache is built through self.load, which must decode the files themselves
-        files = [self.voc / "JPEGImages" / f"{i}.jpg" for i in self.ids] + self.mask_paths()
-        self.decoded = DecodedPairs(self.load, files, len(self), cache_dir)
+    def pairing_problems(self, splits: dict[str, list[str]]) -> list[str]:
+        """Every listed id without its image or mask, one line each."""
+        problems = []
+        for name, ids in splits.items():
+            listed_in = split_file(self.voc, name, self.train_split)
+            problems += [f"{listed_in}: id {i} has no {' and no '.join(lacks)} (under {self.voc}); restore it or "
+                         "remove the id from the list"
+                         for i, lacks in missing_files(self.voc, ids, mask_dir_for(self.voc, name,
+                                                                                   self.train_split)).items()]
+        return problems
 
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Raw RGB image and index mask of one id, after checking they match in size."""
-        if self.decoded is not None:
-            return self.decoded[index]
-        i = self.ids[index]
-        image = load_image(self.voc / "JPEGImages" / f"{i}.jpg")
-        mask_path = self.voc / self.mask_dir / f"{i}.png"
-        mask = load_mask(mask_path, self.num_classes)
-        if image.shape[:2] != mask.shape:
-            raise DatasetError(
-                f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
-                f"{image.shape[1]}x{image.shape[0]}; the pair must have the same size"
-            )
-        return image, mask
+    def list_file(self, split: str) -> Path | None:
+        return split_file(self.voc, split, self.train_split)
 
-    def __getitem__(self, index: int | tuple[int, int]) -> dict:
-        """Item ``index``; ``(epoch, index)`` also seeds the augmentation from (seed, epoch, index)."""
-        epoch = 0
-        if isinstance(index, tuple):
-            epoch, index = index
-        image, mask = self.load(index)
-        item: dict[str, Any] = {}
-        if self.device_augment is not None:  # parameters only: the device runs them (data.device_augment)
-            item["augment"] = self.device_augment.draw(mix_seed(self.seed, epoch, index) % (2**32), *mask.shape)
-        elif self.transform is not None:
-            if hasattr(self.transform, "set_random_state"):
-                seed_pipeline(self.transform, mix_seed(self.seed, epoch, index) % (2**32))
-            out = self.transform(image=image, mask=mask)
-            image, mask = out["image"], out["mask"]
-        return {
-            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
-            "mask": torch.from_numpy(np.ascontiguousarray(mask)),
-            "id": self.ids[index],
-            **item,
-        }
+    def image_path(self, split: str, i: str) -> Path:
+        return self.voc / "JPEGImages" / f"{i}.jpg"
+
+    def mask_path(self, split: str, i: str) -> Path:
+        return self.voc / mask_dir_for(self.voc, split, self.train_split) / f"{i}.png"

@@ -124,6 +124,7 @@ def load_exported_task(path: str | Path, inference: InferenceConfig | None = Non
         optimizer=cfg.optimizer,
         num_classes=num_classes,
         class_names=meta.get("class_names"),
+        colors=meta.get("colors"),
         inference=inference or InferenceConfig(**cfg.infer),
         cfg=OmegaConf.to_container(cfg, resolve=True),
     )

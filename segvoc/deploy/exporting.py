@@ -232,6 +232,7 @@ def export_metadata(task: SegmentationTask, source: Path, epoch: int | None) -> 
         "config": task.hparams.get("cfg"),
         SIGNATURE_KEY: task.hparams.get(SIGNATURE_KEY),  # the checkpoint's signature of that config (safety.trust)
         "class_names": list(task.class_names),
+        "colors": task.palette[: len(task.class_names)].tolist(),  # the dataset's colours, in class order
         "class_weights": weights.tolist() if weights is not None else None,
         "epoch": epoch,
         "source": str(source),

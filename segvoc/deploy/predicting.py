@@ -84,15 +84,18 @@ def plan_outputs(inputs: Sequence[Path], out: Path) -> tuple[list[Planned], dict
     return planned, refused
 
 
-def write_outputs(item: Planned, image: np.ndarray, mask: np.ndarray, alpha: float) -> None:
-    """Write the palette mask and the overlay of one input, each atomically."""
-    overlay = overlay_with_legend(image, mask, alpha)
-    atomic_write(item.mask, lambda f: save_palette_mask(mask, f), binary=True)
+def write_outputs(item: Planned, image: np.ndarray, mask: np.ndarray, alpha: float, class_names: Sequence[str],
+                  palette: np.ndarray) -> None:
+    """Write the palette mask (the dataset's colours; pixel values = class indices) and the overlay (legend in the
+    dataset's names) of one input, each atomically."""
+    overlay = overlay_with_legend(image, mask, alpha, class_names, palette)
+    atomic_write(item.mask, lambda f: save_palette_mask(mask, f, palette), binary=True)
     atomic_write(item.overlay, lambda f: Image.fromarray(overlay).save(f, format="PNG"), binary=True)
 
 
 def predict_inputs(forward: Callable[[torch.Tensor], torch.Tensor], inputs: Sequence[Path], out: Path,
-                   device: str, max_side: int, alpha: float, reraise: bool = False) -> dict[str, list[str]]:
+                   device: str, max_side: int, alpha: float, class_names: Sequence[str], palette: np.ndarray,
+                   reraise: bool = False) -> dict[str, list[str]]:
     """Predict and write every input, skipping (one line on stderr each) those that fail; returns
     ``{"done": [input, ...], "failed": ["<input>: <reason>", ...]}``. ``reraise``: let an error that is not a
     ``SegvocError`` through with its traceback (``traceback=true``) instead of skipping the input."""
@@ -106,7 +109,7 @@ def predict_inputs(forward: Callable[[torch.Tensor], torch.Tensor], inputs: Sequ
         try:
             image = read_rgb(item.source)
             mask = predict_mask(forward, image, device, max_side)
-            write_outputs(item, image, mask, alpha)
+            write_outputs(item, image, mask, alpha, class_names, palette)
         except Exception as exc:  # one odd input never stops the folder
             if reraise and not isinstance(exc, SegvocError):
                 raise

@@ -18,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ProgressBar
 from torch import nn
 
-from segvoc.data.datamodule import VOCDataModule
+from segvoc.data.datamodule import SegmentationDataModule
+from segvoc.data.layouts import dataset_classes
 from segvoc.data.statistics import cached_class_statistics
 from segvoc.engine.checkpoint import checkpoint_config, load_state, read_checkpoint
 from segvoc.engine.feature_cache import FeatureCache
@@ -35,7 +36,7 @@ log = logging.getLogger("segvoc")
 # model-node keys that configure segvoc around the network rather than the network's constructor
 _NOT_CONSTRUCTOR_KEYS = ("name", "cache_features")
 # defaults for nodes stored by segvoc 0.4 and earlier, which had no _target_ there
-DEFAULT_TARGETS = {"data": "segvoc.data.datamodule.VOCDataModule", "trainer": "pytorch_lightning.Trainer"}
+DEFAULT_TARGETS = {"data": "segvoc.data.datamodule.SegmentationDataModule", "trainer": "pytorch_lightning.Trainer"}
 
 
 def build(node: Mapping, key: str, **kwargs: Any) -> Any:
@@ -68,7 +69,7 @@ def build_model(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> n
     return build(OmegaConf.create(params), "model", **overrides, _convert_="all")
 
 
-def build_datamodule(cfg: DictConfig, split_dir: str | Path | None = None) -> VOCDataModule:
+def build_datamodule(cfg: DictConfig, split_dir: str | Path | None = None) -> SegmentationDataModule:
     """The DataModule of ``conf/data`` (its ``_target_``) with the run's augmentation, seed and cache folder."""
     accelerator = (cfg.get("trainer") or {}).get("accelerator")
     return build(cfg.data, "data", _recursive_=False, augment=OmegaConf.to_container(cfg.augment, resolve=True),
@@ -85,7 +86,7 @@ class ClassWeights:
     counts: list[int]
 
 
-def class_weights_for(cfg: DictConfig, dm: VOCDataModule, prepare: bool = False,
+def class_weights_for(cfg: DictConfig, dm: SegmentationDataModule, prepare: bool = False,
                       record: Path | None = None) -> ClassWeights | None:
     """``loss.class_weights`` computed from the training masks (counted once, cached), or None for no weighting.
     ``prepare``: get the data (``dm.prepare_data``) and set up ``dm`` first, only when weights are needed;
@@ -97,8 +98,7 @@ def class_weights_for(cfg: DictConfig, dm: VOCDataModule, prepare: bool = False,
     if prepare:
         dm.prepare_data()
         dm.setup("fit")
-    stats = cached_class_statistics(dm.datasets["train"].mask_paths(), Path(cfg.paths.cache_dir),
-                                    int(cfg.data.num_classes))
+    stats = cached_class_statistics(dm.datasets["train"].mask_paths(), Path(cfg.paths.cache_dir), dm.classes)
     weights = class_weights(scheme, stats, scale)
     assert weights is not None
     log.info("class weights (%s): %s", scheme, " ".join(f"{w:.3g}" for w in weights))
@@ -119,22 +119,16 @@ def build_loss(cfg: DictConfig, weights: Sequence[float] | None = None) -> Segme
                     and float(loss_cfg.get("background_scale", 1.0)) == 1.0)
     params = {k: v for k, v in loss_cfg.items() if k not in _NOT_LOSS_KEYS}
     params.setdefault("_target_", "segvoc.losses.segmentation.CrossEntropy")  # checkpoints of segvoc 0.1
-    return build(OmegaConf.create(params), "loss", num_classes=int(cfg.data.num_classes), weight=weights,
+    return build(OmegaConf.create(params), "loss", num_classes=dataset_classes(cfg.data).num_classes, weight=weights,
                  weighted=weighted, _convert_="all")
-
-
-def class_names(cfg: DictConfig) -> list[str]:
-    """The dataset's class names, in index order (``data.class_names``, else VOC's)."""
-    from segvoc.data.palette import VOC_CLASSES
-
-    names = cfg.data.get("class_names")
-    return list(names) if names else list(VOC_CLASSES[: int(cfg.data.num_classes)])
 
 
 def build_task(cfg: DictConfig, class_weights: ClassWeights | None = None,
                pretrained: bool = True) -> SegmentationTask:
-    """Model, loss and task from a composed run config (``conf/train.yaml``)."""
-    num_classes = int(cfg.data.num_classes)
+    """Model, loss and task from a composed run config (``conf/train.yaml``); the classes are the dataset's
+    (``segvoc.data.layouts.dataset_classes``)."""
+    classes = dataset_classes(cfg.data)
+    num_classes = classes.num_classes
     model = prepare_model(build_model(cfg.model, num_classes, pretrained=pretrained), cfg.get("perf"))
     return SegmentationTask(
         model=model,
@@ -144,7 +138,8 @@ def build_task(cfg: DictConfig, class_weights: ClassWeights | None = None,
         num_classes=num_classes,
         mean=list(cfg.data.mean),
         std=list(cfg.data.std),
-        class_names=class_names(cfg),
+        class_names=classes.names,
+        colors=classes.colors,
         inference=InferenceConfig(**cfg.infer) if cfg.get("infer") else None,
         seed=int(cfg.get("seed", 0)),
         channels_last=bool((cfg.get("perf") or {}).get("channels_last", False)),

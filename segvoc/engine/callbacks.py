@@ -107,8 +107,9 @@ class ValidationFigures(pl.Callback):
         if self._samples:
             rows = [(img.permute(1, 2, 0).cpu().numpy(), m.cpu().numpy(), p.cpu().numpy().astype(np.uint8))
                     for img, m, p in self._samples]
-            tb.experiment.add_figure("val/predictions", prediction_figure(rows, run_title(trainer, pl_module), None,
-                                                                          names), trainer.current_epoch)
+            figure = prediction_figure(rows, run_title(trainer, pl_module), None, names,
+                                       palette=pl_module.palette)
+            tb.experiment.add_figure("val/predictions", figure, trainer.current_epoch)
         if scores is not None:
             tb.experiment.add_figure("val/confusion_matrix", confusion_figure(scores["confusion"], names),
                                      trainer.current_epoch)

@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from torch import nn
 from torchmetrics import MeanMetric
 
+from segvoc.data.palette import ClassSet
 from segvoc.data.sampling import epoch_position, mix_seed
 from segvoc.data.transforms import Normalize
 from segvoc.engine.feature_cache import FeatureCache
@@ -55,7 +56,8 @@ class SegmentationTask(pl.LightningModule):
                  std: Sequence[float] = (0.229, 0.224, 0.225), class_names: Sequence[str] | None = None,
                  inference: InferenceConfig | None = None, seed: int = 0, channels_last: bool = False,
                  feature_cache: FeatureCache | None = None, cfg: dict | None = None,
-                 boundary_dilation_ratio: float = 0.02, stats: Mapping | None = None) -> None:
+                 boundary_dilation_ratio: float = 0.02, stats: Mapping | None = None,
+                 colors: Sequence[Sequence[int]] | None = None) -> None:
         super().__init__()
         # the run config travels in every checkpoint, signed for this user (segvoc.safety.trust)
         self.save_hyperparameters({"cfg": cfg, SIGNATURE_KEY: sign(cfg)} if cfg is not None else {})
@@ -63,6 +65,8 @@ class SegmentationTask(pl.LightningModule):
         self.optimizer_cfg, self.scheduler_cfg = optimizer, scheduler
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
+        # the dataset's colours (one per class; None: VOC's palette), for figures and predict's masks
+        self.palette = ClassSet(tuple(self.class_names), tuple(map(tuple, colors)) if colors else None).palette
         self.normalize = Normalize(mean, std, channels_last=channels_last)
         self.infer_cfg = inference or InferenceConfig.defaults()
         self.seed, self.stats = seed, dict(stats or {})

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 from matplotlib.figure import Figure
 
-from segvoc.data.palette import IGNORE_INDEX, VOC_CLASSES, VOC_COLORMAP, colorize
+from segvoc.data.palette import IGNORE_INDEX, VOC_COLORMAP, colorize
 
 PANELS = ("image", "truth", "prediction", "overlay")
 # Background drawn in the figures' colour masks (VOC's own is black, which an all-background prediction turns into
@@ -19,25 +19,34 @@ FIGURE_BACKGROUND = (196, 210, 228)
 VOID_NAME = "void (255)"
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend an RGB uint8 image with the VOC colours of ``mask``; background and 255 stay as the image."""
-    colors = colorize(mask).astype(np.float32)
+def _black_background(palette: np.ndarray) -> bool:
+    return not np.asarray(palette[0]).any()
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5, palette: np.ndarray = VOC_COLORMAP) -> np.ndarray:
+    """Blend an RGB uint8 image with the palette's colours of ``mask``; 255 and a black class 0 (VOC's background)
+    stay as the image."""
+    colors = colorize(mask, palette).astype(np.float32)
     blend = image.astype(np.float32) * (1 - alpha) + colors * alpha
-    keep = (mask == 0) | (mask == IGNORE_INDEX)
+    keep = (mask == IGNORE_INDEX) | ((mask == 0) & _black_background(palette))
     blend[keep] = image[keep]
     return blend.clip(0, 255).astype(np.uint8)
 
 
-def figure_colors(mask: np.ndarray) -> np.ndarray:
-    """VOC colours of a mask, background in ``FIGURE_BACKGROUND`` (visible, not a black hole)."""
-    rgb = colorize(mask)
-    rgb[mask == 0] = FIGURE_BACKGROUND
+def figure_colors(mask: np.ndarray, palette: np.ndarray = VOC_COLORMAP) -> np.ndarray:
+    """The palette's colours of a mask; a black class 0 (VOC's background) in ``FIGURE_BACKGROUND`` (visible, not a
+    black hole)."""
+    rgb = colorize(mask, palette)
+    if _black_background(palette):
+        rgb[mask == 0] = FIGURE_BACKGROUND
     return rgb
 
 
-def class_color(c: int) -> tuple[int, int, int]:
+def class_color(c: int, palette: np.ndarray = VOC_COLORMAP) -> tuple[int, int, int]:
     """The colour class ``c`` has in the figures."""
-    return FIGURE_BACKGROUND if c == 0 else tuple(int(v) for v in VOC_COLORMAP[c])
+    if c == 0 and _black_background(palette):
+        return FIGURE_BACKGROUND
+    return tuple(int(v) for v in palette[c])
 
 
 DARK = 0.3  # relative luminance below which a class colour is hard to tell from another dark one (aeroplane, cat)
@@ -49,7 +58,7 @@ def is_dark(color: Sequence[int]) -> bool:
     return 0.2126 * r + 0.7152 * g + 0.0722 * b < DARK
 
 
-def legend_classes(masks: Sequence[np.ndarray], num_classes: int = len(VOC_CLASSES)) -> list[int]:
+def legend_classes(masks: Sequence[np.ndarray], num_classes: int) -> list[int]:
     """The classes appearing in any of ``masks``, in class order; 255 (void) last when some mask holds it."""
     present: set[int] = set()
     for m in masks:
@@ -66,8 +75,8 @@ def _resized(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, width: int)
 
 
 def prediction_figure(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], title: str = "",
-                      row_titles: Sequence[str] | None = None, class_names: Sequence[str] = VOC_CLASSES,
-                      width: int = 256) -> Figure:
+                      row_titles: Sequence[str] | None = None, class_names: Sequence[str] = (),
+                      width: int = 256, palette: np.ndarray = VOC_COLORMAP) -> Figure:
     """One row per (image, truth, prediction): image | truth | prediction | overlay, each resized to ``width``
     pixels wide; column titles on top, ``row_titles`` at the left, ``title`` above, and below a legend of the
     classes appearing in the truths and predictions shown (``legend_classes``). Panels are outlined, background is
@@ -80,11 +89,12 @@ def prediction_figure(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
     panel = 2.2  # inches per panel width
     fig = Figure(figsize=(4 * panel + (1.4 if row_titles else 0.2), panel * sum(heights) + 1.4), layout="constrained")
     axes = fig.subplots(len(rows), 4, squeeze=False, gridspec_kw={"height_ratios": heights})
-    shown = legend_classes([m for _, t, p in rows for m in (t, p)], len(class_names))
-    dark = [c for c in shown if c != IGNORE_INDEX and is_dark(class_color(c))]
+    shown = legend_classes([m for _, t, p in rows for m in (t, p)], len(class_names) or 255)
+    dark = [c for c in shown if c != IGNORE_INDEX and is_dark(class_color(c, palette))]
     for r, (image, truth, pred) in enumerate(rows):
-        for k, (ax, picture) in enumerate(zip(axes[r], (image, figure_colors(truth), figure_colors(pred),
-                                                       overlay(image, pred)), strict=True)):
+        pictures = (image, figure_colors(truth, palette), figure_colors(pred, palette),
+                    overlay(image, pred, 0.5, palette))
+        for k, (ax, picture) in enumerate(zip(axes[r], pictures, strict=True)):
             ax.imshow(picture, interpolation="nearest")
             for c in dark if k in (1, 2) else ():  # dark classes outlined in white: aeroplane is not cat
                 region = (truth if k == 1 else pred) == c
@@ -98,8 +108,9 @@ def prediction_figure(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
             axes[r, 0].set_ylabel(row_titles[r], fontsize=8, rotation=0, ha="right", va="center")
     for ax, name in zip(axes[0], PANELS, strict=True):
         ax.set_title(name, fontsize=10)
-    names = {**dict(enumerate(class_names)), IGNORE_INDEX: VOID_NAME}
-    handles = [Patch(facecolor=np.array(class_color(c)) / 255, label=names[c] + (" (outlined)" if c in dark else ""),
+    names = {**{c: str(c) for c in range(256)}, **dict(enumerate(class_names)), IGNORE_INDEX: VOID_NAME}
+    handles = [Patch(facecolor=np.array(class_color(c, palette)) / 255,
+                     label=names[c] + (" (outlined)" if c in dark else ""),
                      edgecolor="white" if c in dark else "0.2", linewidth=1.5 if c in dark else 0.8)
                for c in shown]
     if handles:
@@ -110,8 +121,7 @@ def prediction_figure(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
     return fig
 
 
-def confusion_view(matrix: np.ndarray,
-                   class_names: Sequence[str] = VOC_CLASSES) -> tuple[np.ndarray, list[str], int]:
+def confusion_view(matrix: np.ndarray, class_names: Sequence[str]) -> tuple[np.ndarray, list[str], int]:
     """The row-normalised matrix (rows = truth) of the classes present in the truth or the prediction, their names,
     and how many classes (absent from both) were dropped."""
     m = np.asarray(matrix, dtype=np.float64)
@@ -124,7 +134,7 @@ def confusion_view(matrix: np.ndarray,
 CONFUSION_FONT = 10  # points: at the report's 110 dpi, digits about 11 px tall
 
 
-def confusion_figure(matrix: np.ndarray, class_names: Sequence[str] = VOC_CLASSES, title: str = "") -> Figure:
+def confusion_figure(matrix: np.ndarray, class_names: Sequence[str], title: str = "") -> Figure:
     """Row-normalised confusion matrix (rows = truth) as a heat map of the classes present in the truth or the
     prediction (``confusion_view``); the subtitle says how many were left out. Cells are 0.55 in and numbers
     ``CONFUSION_FONT`` pt, whatever the number of classes."""
@@ -150,7 +160,7 @@ def confusion_figure(matrix: np.ndarray, class_names: Sequence[str] = VOC_CLASSE
     return fig
 
 
-def legend_entries(mask: np.ndarray, num_classes: int = len(VOC_CLASSES)) -> list[tuple[int, float]]:
+def legend_entries(mask: np.ndarray, num_classes: int) -> list[tuple[int, float]]:
     """(class, share of the mask's pixels) of each class present, largest share first (ties in class order)."""
     counts = np.bincount(mask.reshape(-1).astype(np.int64), minlength=num_classes)[:num_classes]
     total = max(int(mask.size), 1)
@@ -162,18 +172,20 @@ def share_text(share: float) -> str:
     return "<0.01 %" if 0 < share < 1e-4 else f"{100 * share:.2f} %"
 
 
-def overlay_with_legend(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+def overlay_with_legend(image: np.ndarray, mask: np.ndarray, alpha: float, class_names: Sequence[str],
+                        palette: np.ndarray = VOC_COLORMAP) -> np.ndarray:
     """The blended overlay with a legend strip (colour swatch, class name, share of the pixels) for the classes
-    present in ``mask`` (``legend_entries``)."""
-    blended = overlay(image, mask, alpha)
-    present = legend_entries(mask)
+    present in ``mask`` (``legend_entries``), in the dataset's names and colours."""
+    blended = overlay(image, mask, alpha, palette)
+    present = legend_entries(mask, len(class_names))
     row_h = max(18, image.shape[0] // 25)
-    labels = [f"{VOC_CLASSES[c]} {share_text(share)}" for c, share in present]
+    labels = [f"{class_names[c]} {share_text(share)}" for c, share in present]
     text_w = max((cv2.getTextSize(t, cv2.FONT_HERSHEY_SIMPLEX, row_h / 36, 1)[0][0] for t in labels), default=0)
     legend = np.full((row_h * len(present) + 8, row_h + 16 + text_w, 3), 255, np.uint8)
     for k, ((c, _), label) in enumerate(zip(present, labels, strict=True)):
         y = 4 + k * row_h
-        swatch = (255, 255, 255) if c == 0 else class_color(c)  # background is not tinted in the overlay
+        untinted = c == 0 and _black_background(palette)  # a black class 0 is not tinted in the overlay
+        swatch = (255, 255, 255) if untinted else class_color(c, palette)
         cv2.rectangle(legend, (6, y + 2), (6 + row_h - 4, y + row_h - 2), list(swatch), -1)
         cv2.rectangle(legend, (6, y + 2), (6 + row_h - 4, y + row_h - 2), (60, 60, 60), 1)
         cv2.putText(legend, label, (row_h + 8, y + row_h - 5),

@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from segvoc.data.palette import VOC_CLASSES
 from segvoc.tables import fmt, markdown_table
 
 
-def per_class_table(scores: dict[str, Any], title: str = "", class_names: Sequence[str] = VOC_CLASSES) -> str:
-    """Per-class IoU and accuracy of one evaluation, then the summary scores."""
+def per_class_table(scores: dict[str, Any], class_names: Sequence[str], title: str = "") -> str:
+    """Per-class IoU and accuracy of one evaluation under the dataset's class names, then the summary scores."""
     rows = [(name, iou, acc) for name, iou, acc in
             zip(class_names, scores["per_class_iou"], scores.get("per_class_acc", [None] * len(class_names)),
                 strict=False)]

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from segvoc.data.palette import VOC_CLASSES
 from segvoc.evaluation.statistics import confusion_scores
 from segvoc.runs.directory import read_per_image
 from segvoc.runs.seed_groups import SeedGroup
@@ -35,7 +34,7 @@ class Confused:
     pred: int
     pixels: int
 
-    def text(self, class_names: Sequence[str] = VOC_CLASSES) -> str:
+    def text(self, class_names: Sequence[str]) -> str:
         return f"{class_names[self.truth]} → {class_names[self.pred]} ({self.pixels} px)"
 
 
@@ -45,7 +44,7 @@ class GalleryItem:
     miou: float
     confused: Confused | None
 
-    def row_title(self, class_names: Sequence[str] = VOC_CLASSES) -> str:
+    def row_title(self, class_names: Sequence[str]) -> str:
         pair = self.confused.text(class_names) if self.confused else "no confusion"
         return f"{self.id}\nmIoU {self.miou:.3f}\n{pair}"
 
@@ -94,7 +93,8 @@ def gallery_run(groups: Sequence[SeedGroup], split: str = "test") -> tuple[SeedG
 def checkpoint_predictor(run: Path, split: str, device: str = "cpu"
                          ) -> tuple[Any, Callable[[np.ndarray], np.ndarray], Any]:
     """The run's ``split`` dataset (from its own data config), a function predicting one of its images at full size
-    with the run's best checkpoint (``predict_mask``, as evaluation does), and the run's config."""
+    with the run's best checkpoint (``predict_mask``, as evaluation does), and the run's task (its classes' names
+    and colours: ``class_names``, ``palette``)."""
     import torch
 
     from segvoc.engine.builders import build_datamodule, load_task
@@ -110,14 +110,14 @@ def checkpoint_predictor(run: Path, split: str, device: str = "cpu"
         with torch.no_grad():
             return predict_mask(task.predict_log_probs, image, device)
 
-    return dm.datasets[split], predict, cfg
+    return dm.datasets[split], predict, task
 
 
 def rerun_images(run: Path, image_ids: Sequence[str], split: str = "test", device: str = "cpu"
-                 ) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+                 ) -> tuple[list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], Any]:
     """(id, image, truth, prediction) of the given ids of ``split``, predicted by the run's best checkpoint at each
-    image's own size; ids missing from the split (data changed since) are skipped."""
-    ds, predict, _ = checkpoint_predictor(run, split, device)
+    image's own size (ids missing from the split, the data changed since, are skipped), and the run's task."""
+    ds, predict, task = checkpoint_predictor(run, split, device)
     position = {i: k for k, i in enumerate(ds.ids)}
     out = []
     for i in image_ids:
@@ -126,13 +126,13 @@ def rerun_images(run: Path, image_ids: Sequence[str], split: str = "test", devic
             continue
         image, truth = ds.load(position[i])
         out.append((i, image, truth, predict(image)))
-    return out
+    return out, task
 
 
-def failure_gallery(groups: Sequence[SeedGroup], output: Path, n: int, device: str = "cpu",
-                    class_names: Sequence[str] = VOC_CLASSES) -> str:
-    """Write ``failure_gallery.png`` (the ``n`` worst test images of the best group's best run) into ``output``;
-    returns the ``results.md`` section (or a line saying why there is none). ``n <= 0``: no section."""
+def failure_gallery(groups: Sequence[SeedGroup], output: Path, n: int, device: str = "cpu") -> str:
+    """Write ``failure_gallery.png`` (the ``n`` worst test images of the best group's best run, in its dataset's
+    class names and colours) into ``output``; returns the ``results.md`` section (or a line saying why there is
+    none). ``n <= 0``: no section."""
     from segvoc.evaluation.figures import prediction_figure
 
     if n <= 0:
@@ -144,13 +144,14 @@ def failure_gallery(groups: Sequence[SeedGroup], output: Path, n: int, device: s
     group, run = picked
     ids, rows = read_per_image(run, "test")
     items = worst_images(ids, rows["confusion"], n)
-    reran = {i: (image, truth, pred) for i, image, truth, pred in rerun_images(run, [it.id for it in items],
-                                                                                device=device)}
+    rows_reran, task = rerun_images(run, [it.id for it in items], device=device)
+    reran = {i: (image, truth, pred) for i, image, truth, pred in rows_reran}
+    class_names = task.class_names
     items = [it for it in items if it.id in reran]
     if not items:
         return head + f"No gallery: none of the test images of `{run.name}` could be read again.\n"
     fig = prediction_figure([reran[it.id] for it in items], f"lowest per-image test mIoU: {group.label} ({run.name})",
-                            [it.row_title(class_names) for it in items], class_names)
+                            [it.row_title(class_names) for it in items], class_names, palette=task.palette)
     fig.savefig(output / GALLERY_PNG, dpi=100)
     table = markdown_table(("id", "per-image mIoU", "top confused pair (truth → predicted)"),
                            [[it.id, f"{it.miou:.4f}", it.confused.text(class_names) if it.confused else "-"]

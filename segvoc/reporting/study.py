@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from segvoc.data.palette import VOC_CLASSES
+from segvoc.data.layouts import dataset_classes
 from segvoc.errors import ConfigError
 from segvoc.reporting.comparison import compare, comparison_csv, comparison_markdown
 from segvoc.reporting.gallery import GALLERY_PNG, checkpoint_predictor, failure_gallery
@@ -50,6 +50,17 @@ class Run:
     @property
     def experiment(self) -> str:
         return str(self.cfg.get("name") or self.path.name)
+
+    @property
+    def class_names(self) -> list[str]:
+        """The class names its per-class scores follow (``metrics.json``'s ``classes``; runs of segvoc 0.4 and
+        earlier: VOC's)."""
+        for split in ("test", "val"):
+            names = (self.metrics.get(split) or {}).get("classes")
+            if names:
+                return list(names)
+        n = len((self.metrics.get("test") or self.metrics.get("val") or {}).get("per_class_iou") or [None] * 21)
+        return list(dataset_classes({"num_classes": min(n, 21)}).names)
 
     @property
     def seed(self) -> Any:
@@ -173,7 +184,8 @@ def confusion_png(run: Run, split: str, path: Path) -> bool:
     mats = json.loads(f.read_text())
     if split not in mats:
         split = next(iter(mats))
-    fig = confusion_figure(np.array(mats[split]), title=f"{figure_title(run)}: {split}, row-normalised")
+    fig = confusion_figure(np.array(mats[split]), run.class_names,
+                           title=f"{figure_title(run)}: {split}, row-normalised")
     fig.savefig(path, dpi=110)
     return True
 
@@ -185,13 +197,13 @@ def predictions_png(run: Run, num_images: int, path: Path, device: str = "cpu", 
 
     if not (run.path / "checkpoints" / "best.ckpt").is_file() or num_images <= 0:
         return False
-    ds, predict, cfg = checkpoint_predictor(run.path, "val", device)
+    ds, predict, task = checkpoint_predictor(run.path, "val", device)
     rows = []
     for k in range(min(num_images, len(ds))):
         image, truth = ds.load(k)
         rows.append((image, truth, predict(image)))
     label = f"{title or figure_title(run)}: validation images"
-    prediction_figure(rows, label, class_names=VOC_CLASSES[: int(cfg.data.num_classes)]).savefig(path, dpi=100)
+    prediction_figure(rows, label, class_names=task.class_names, palette=task.palette).savefig(path, dpi=100)
     return True
 
 
@@ -239,8 +251,9 @@ def results_markdown(runs: Sequence[Run], published: dict[str, Any]) -> str:
     out.write(markdown_table(("experiment", "val mIoU", "report", "val pixel acc", "report", "test mIoU", "report",
                               "test pixel acc", "report", "report source"), cmp_rows))
     out.write("\n## Per-class test IoU\n\n")
-    pc = [[r.label, *(r.metrics.get("test", {}).get("per_class_iou") or [None] * len(VOC_CLASSES))] for r in runs]
-    out.write(markdown_table(("run", *VOC_CLASSES), pc))
+    names = report_classes(runs)
+    pc = [[r.label, *(r.metrics.get("test", {}).get("per_class_iou") or [None] * len(names))] for r in runs]
+    out.write(markdown_table(("run", *names), pc))
     return out.getvalue()
 
 
@@ -256,20 +269,31 @@ def _natural(text: str) -> tuple:
     return (0, int(text), "") if text.lstrip("-").isdigit() else (1, 0, text)
 
 
-def groups_markdown(groups: Sequence[SeedGroup]) -> str:
+def report_classes(runs: Sequence[Run]) -> list[str]:
+    """The class names of the report's tables: the runs' (``ConfigError`` when runs of different datasets are
+    reported together)."""
+    names = [r.class_names for r in runs]
+    if any(n != names[0] for n in names):
+        other = next(r for r, n in zip(runs, names, strict=True) if n != names[0])
+        raise ConfigError(f"sweep=: {runs[0].path} and {other.path} score different classes; report the runs of one "
+                          "dataset together")
+    return names[0] if names else []
+
+
+def groups_markdown(groups: Sequence[SeedGroup], class_names: Sequence[str]) -> str:
     """Mean ± std over the seeds of each group of runs that differ only in ``seed``."""
     header = ("group", "n", "seeds", *(f"{s} {m}" for s in SPLITS for m in ("mIoU", "pixel acc", "mean class acc")))
     rows = [[g.label, g.n, ",".join(sorted((str(s) for s in g.seeds if s is not None), key=_natural)) or "-",
              *(pm(g.values(s, m)) for s in SPLITS for m in METRICS)] for g in groups]
     return ("\n## Groups: mean ± std over seeds (sample std, n-1)\n\n" + markdown_table(header, rows)
             + "\nPer-class test IoU (mean ± std over the group's runs):\n\n"
-            + markdown_table(("group", *VOC_CLASSES),
+            + markdown_table(("group", *class_names),
                              [[g.label, *(pm(v, 2) for v in g.per_class("test"))] for g in groups]))
 
 
-def summary_csv(groups: Sequence[SeedGroup]) -> str:
+def summary_csv(groups: Sequence[SeedGroup], class_names: Sequence[str]) -> str:
     """``summary.csv``: one row per group (see ``segvoc.runs.seed_groups.summary_rows``)."""
-    rows = summary_rows(groups, VOC_CLASSES)
+    rows = summary_rows(groups, class_names)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
@@ -291,7 +315,7 @@ def truth_classes(runs: Sequence[Path], split: str = "test") -> list[int] | None
     return sorted(present) if found else None
 
 
-def per_class_by_group_png(groups: Sequence[SeedGroup], path: Path) -> bool:
+def per_class_by_group_png(groups: Sequence[SeedGroup], path: Path, class_names: Sequence[str]) -> bool:
     """Per-class test IoU by group: bars at the mean, whiskers of one std (what weighting buys and costs). Every
     class present in the test truth is shown, a total failure (IoU 0 in every group) marked with a red ``0``; the
     classes absent from the truth are named below the axis."""
@@ -300,7 +324,7 @@ def per_class_by_group_png(groups: Sequence[SeedGroup], path: Path) -> bool:
     per_class = [g.per_class("test") for g in groups]
     present = truth_classes([r for g in groups for r in g.runs])
     if present is None:  # runs without confusion.json: the classes some group scored
-        present = [c for c in range(len(VOC_CLASSES)) if any(c < len(pc) and pc[c] for pc in per_class)]
+        present = [c for c in range(len(class_names)) if any(c < len(pc) and pc[c] for pc in per_class)]
     classes = present
     if not classes:
         return False
@@ -316,10 +340,10 @@ def per_class_by_group_png(groups: Sequence[SeedGroup], path: Path) -> bool:
     failed = [i for i, c in enumerate(classes) if all(max(pc[c], default=0) == 0 for pc in per_class if c < len(pc))]
     for i in failed:
         ax.text(i, 0.01, "0", color="red", ha="center", va="bottom", fontweight="bold")
-    ax.set_xticks(range(len(classes)), [VOC_CLASSES[c] for c in classes], rotation=45, ha="right")
+    ax.set_xticks(range(len(classes)), [class_names[c] for c in classes], rotation=45, ha="right")
     ax.set_ylabel("test IoU (mean ± std over seeds)")
     ax.set_ylim(0, 1)
-    absent = [VOC_CLASSES[c] for c in range(len(VOC_CLASSES)) if c not in classes]
+    absent = [class_names[c] for c in range(len(class_names)) if c not in classes]
     ax.set_title("Per-class test IoU by group (red 0: IoU 0 in every group)"
                  + (f"\nabsent from the test truth: {', '.join(absent)}" if absent else ""), fontsize=9)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)  # below the axes
@@ -349,15 +373,17 @@ def build_report(sweep: str | Sequence[str], output: Path, published: dict[str, 
                 "Holm-adjusted: [comparison.md](comparison.md) ([comparison.csv](comparison.csv)).\n")
     failures = failure_gallery(groups, output, gallery, device)
     atomic_write_text(output / "results.md",
-                      results_markdown(runs, published) + groups_markdown(groups) + link + failures)
-    atomic_write_text(output / "summary.csv", summary_csv(groups))
+                      results_markdown(runs, published) + groups_markdown(groups, report_classes(runs)) + link
+                      + failures)
+    atomic_write_text(output / "summary.csv", summary_csv(groups, report_classes(runs)))
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=[*RESULT_COLUMNS, *(f"iou_{c}" for c in VOC_CLASSES)])
+    names = report_classes(runs)
+    writer = csv.DictWriter(buf, fieldnames=[*RESULT_COLUMNS, *(f"iou_{c}" for c in names)])
     writer.writeheader()
     for r in runs:
-        per_class = r.metrics.get("test", {}).get("per_class_iou") or [None] * len(VOC_CLASSES)
+        per_class = r.metrics.get("test", {}).get("per_class_iou") or [None] * len(names)
         writer.writerow({**{k: fmt(v, 6) if isinstance(v, float) else v for k, v in r.row().items()},
-                         **{f"iou_{c}": fmt(v, 6) for c, v in zip(VOC_CLASSES, per_class, strict=False)}})
+                         **{f"iou_{c}": fmt(v, 6) for c, v in zip(names, per_class, strict=False)}})
     atomic_write_text(output / "results.csv", buf.getvalue())
     figures = []
     labels = {run: g.label for g in groups for run in g.runs}
@@ -370,7 +396,7 @@ def build_report(sweep: str | Sequence[str], output: Path, published: dict[str, 
             p = output / f"{r.label}_{suffix}.png"
             if make(r, p):
                 figures.append(p.name)
-    if per_class_by_group_png(groups, output / "per_class_iou_by_group.png"):
+    if per_class_by_group_png(groups, output / "per_class_iou_by_group.png", report_classes(runs)):
         figures.append("per_class_iou_by_group.png")
     if failures and (output / GALLERY_PNG).is_file():
         figures.append(GALLERY_PNG)

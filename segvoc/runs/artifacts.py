@@ -24,7 +24,8 @@ from segvoc.runs.trackers import finish_trackers, record_trackers, tracker_lines
 
 def run_metrics(task: Any, epoch: int | None) -> dict[str, Any]:
     """``metrics.json`` of a scored task: ``{split: entry}`` for the splits it scored (``split_entry``)."""
-    return {split: split_entry(task.scores[split], epoch) for split in ("val", "test") if split in task.scores}
+    return {split: split_entry(task.scores[split], epoch, task.class_names) for split in ("val", "test")
+            if split in task.scores}
 
 
 def scored_epoch(trainer: pl.Trainer, task: Any) -> int | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -138,10 +139,12 @@ def not_writable(out: Path, exc: OSError) -> ConfigError:
 INTERVAL_KEYS = ("ci", "ci_method", "ci_na")  # what segvoc.evaluation.statistics.interval_fields adds
 
 
-def split_entry(scores: dict[str, Any], epoch: int | None) -> dict[str, Any]:
+def split_entry(scores: dict[str, Any], epoch: int | None, class_names: Sequence[str]) -> dict[str, Any]:
     """The ``metrics.json`` entry of one scored split (``SegmentationTask.scores[split]``): the scores, their
-    bootstrap intervals over images and the epoch of the checkpoint scored."""
-    return {**{k: scores[k] for k in (*METRIC_KEYS, *INTERVAL_KEYS) if k in scores}, "epoch": epoch}
+    bootstrap intervals over images, the epoch of the checkpoint scored, and the class names the per-class lists
+    follow (``classes``)."""
+    return {**{k: scores[k] for k in (*METRIC_KEYS, *INTERVAL_KEYS) if k in scores}, "epoch": epoch,
+            "classes": list(class_names)}
 
 
 def per_image_csv(ids: list[str], confusion: np.ndarray) -> str:

@@ -63,8 +63,7 @@ def carry_precision(cfg: DictConfig, run_cfg: DictConfig, typed: list[str]) -> N
 def evaluation_text(cfg: DictConfig, task: SegmentationTask, entry: dict[str, Any]) -> tuple[str, str]:
     """The per-class table (``per_class_iou.md``) and the line of summary scores with their intervals."""
     split = cfg.split
-    table = per_class_table(task.scores[split], title=f"{split} ({Path(cfg.ckpt)}, tta={cfg.tta})",
-                            class_names=task.class_names)
+    table = per_class_table(task.scores[split], task.class_names, title=f"{split} ({Path(cfg.ckpt)}, tta={cfg.tta})")
     ci, na = entry.get("ci") or {}, entry.get("ci_na") or {}
     line = (f"{split} ({entry.get('ci_method')}): "
             + "  ".join(f"{name} {fmt_ci(entry[key], ci.get(key), na.get(key))}" for key, name in SCORE_NAMES)

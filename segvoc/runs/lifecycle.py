@@ -35,6 +35,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segvoc.config import command_line_overrides, stored_overrides
+from segvoc.data.layouts import with_classes
 from segvoc.data.synthetic import check_root
 from segvoc.engine.checkpoint import read_checkpoint
 from segvoc.errors import ConfigError
@@ -154,6 +155,8 @@ def decide(cfg: DictConfig, overrides: list[str] | None = None) -> Run:
         run = Run(out, "start", cfg)
     if run.cfg.data.get("synthetic"):  # data=synthetic (re)generates its tree at data.root: must be segvoc's
         check_root(run.cfg.data.root)
+    if run.action == "start":  # the dataset's classes, into the config every checkpoint and output carries
+        run.cfg = with_classes(run.cfg)
     if run.clear and not ownership.is_empty(out):
         ownership.check_owned(out, "run", legacy_run, f"{FIX}, or delete it yourself")
     elif run.action == "start":  # a new run: the folder must not hold run outputs segvoc did not write

@@ -98,9 +98,23 @@ def caveats(cfg: DictConfig) -> list[str]:
         notes.append(f"data.subset={cfg.data.subset}: only the first {cfg.data.subset} ids of each split were used.")
     if cfg.trainer.get("max_steps", -1) not in (-1, None):
         notes.append(f"trainer.max_steps={cfg.trainer.max_steps}: training stopped early by step count.")
-    if int(cfg.data.get("num_classes", 21)) != 21:
+    if str(cfg.data.get("layout") or "voc") == "voc" and int(cfg.data.get("num_classes") or 21) != 21:
         notes.append(f"data.num_classes={cfg.data.num_classes}, not the 21 VOC classes.")
     return notes
+
+
+def _data_rows(cfg: DictConfig, names: Sequence[str]) -> list[tuple[str, object]]:
+    """The model card's data table: where the data is, how it was split, its classes."""
+    data = cfg.data
+    if str(data.get("layout") or "voc") == "folder":
+        split = (f"splits/ of the folder, or seeded {data.val_fraction} (val) and {data.test_fraction} (test) of its "
+                 f"ids (split_seed {data.split_seed})")
+        rows = [("root", data.root), ("layout", "folder (images/, masks/, classes.yaml)"), ("splits", split)]
+    else:
+        rows = [("root", data.root), ("layout", "PASCAL VOC 2012"), ("train_split", data.train_split),
+                ("test", f"seeded {data.test_fraction} of official val (split_seed {data.split_seed}); val is the "
+                         "rest")]
+    return [*rows, ("classes", f"{len(names)}: {', '.join(names)}"), ("training crop", data.image_size)]
 
 
 def _split_rows(run_dir: Path) -> list[tuple[str, int, str]]:
@@ -134,18 +148,12 @@ def model_card(run_dir: Path, cfg: DictConfig, model: nn.Module, fit: FitSummary
                  ("seed", cfg.get("seed")),
              ]),
              "## Data", "",
-             markdown_table(("key", "value"), [
-                 ("root", cfg.data.root),
-                 ("train_split", cfg.data.train_split),
-                 ("test", f"seeded {cfg.data.test_fraction} of official val (split_seed {cfg.data.split_seed}); "
-                          "val is the rest"),
-                 ("training crop", cfg.data.image_size),
-             ]),
+             markdown_table(("key", "value"), _data_rows(cfg, names)),
              "Split lists used (`splits/` in the run directory):", "",
              markdown_table(("split", "ids", "sha256"), _split_rows(run_dir)),
              "## Evaluation protocol", "",
              "- Full-resolution images (no resizing), one dataset-level confusion matrix per split.",
-             "- Pixels labelled 255 (object borders, difficult) are ignored.",
+             f"- Pixels labelled {cfg.data.get('ignore_index') or 255} (not labelled) are ignored.",
              "- mIoU: mean over classes of TP / (TP + FP + FN), over classes present in the ground truth or the "
              "predictions of the split (classes with an empty union are left out); pixel accuracy over all "
              "non-ignored pixels.",
