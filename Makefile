@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXP ?= experiment=4a_baseline
 
-.PHONY: install demo train test test-fast lint report bench gpu-check tensorboard clean
+.PHONY: install demo train test test-fast lint report bench gpu-check tensorboard docs docs-serve clean
 
 # every extra (smp, export, mlflow, wandb, sweep, slurm) and the test tools, at the versions of constraints.txt
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -27,7 +27,7 @@ train: install  ## make train EXP="experiment=5b_transfer trainer=gpu"
 # runs (tests/test_reliability.py's reference runs, tests/test_export.py's trained run) are trained once
 PYTEST := $(PY) -m pytest -q -n auto --dist loadfile
 
-test: install  ## the whole test suite (CPU; see README for the measured time)
+test: install  ## the whole test suite (CPU; measured times in docs/performance.md)
 	$(PYTEST)
 
 test-fast: install  ## the inner loop: everything but the end-to-end subprocess runs marked slow
@@ -46,11 +46,26 @@ report: install  ## smoke sweep of the six report presets on synthetic data, the
 bench: install  ## CPU speed benchmark (segvoc.bench)
 	$(PY) -m segvoc.bench
 
-gpu-check: install  ## one-shot GPU check (<= 8 min on one GPU): outputs/gpu_check.json + a README-ready table
+gpu-check: install  ## one-shot GPU check (<= 8 min on one GPU): outputs/gpu_check.json + a table for docs/performance.md
 	$(PY) -m segvoc.bench --gpu-check
 
 tensorboard: install
 	$(VENV)/bin/tensorboard --logdir outputs
 
+# the docs extra (mkdocs-material, mkdocstrings) beside what make install puts in .venv; the site's hook reads
+# conf/schema.yaml through segvoc.config
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(PY) -m pip install -q --no-cache-dir -e '.[docs]' -c constraints.txt
+	touch $@
+
+# NO_MKDOCS_2_WARNING: mkdocs-material's banner about its successor, printed on every build
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs
+
+docs: $(VENV)/.docs-installed  ## the documentation site into site/, strict: a broken link or reference fails
+	$(MKDOCS) build --strict
+
+docs-serve: $(VENV)/.docs-installed  ## preview the site at http://127.0.0.1:8000, rebuilt as you edit
+	$(MKDOCS) serve
+
 clean:
-	rm -rf outputs .pytest_cache .ruff_cache
+	rm -rf outputs site .pytest_cache .ruff_cache
