@@ -154,6 +154,7 @@ def carry_overrides(stored: DictConfig, composed: DictConfig, allowed: tuple[str
 
 
 SCHEMA_FILE = CONF_DIR / "schema.yaml"
+MISSING = object()  # a mandatory value (???) not given
 
 
 @functools.cache
@@ -169,11 +170,24 @@ def rule_for(key: str, rules: dict[str, dict[str, Any]]) -> dict[str, Any] | Non
     if key in rules:
         return rules[key]
     parts = key.split(".")
-    for pattern, rule in rules.items():
-        p = pattern.split(".")
-        if len(p) == len(parts) and all(a == "*" or a == b for a, b in zip(p, parts, strict=True)):
+    for pattern, rule in _patterns(id(rules), rules).get(len(parts), ()):
+        if all(a == "*" or a == b for a, b in zip(pattern, parts, strict=True)):
             return rule
     return None
+
+
+_PATTERNS: dict[int, dict[int, list]] = {}
+
+
+def _patterns(key: int, rules: dict[str, dict[str, Any]]) -> dict[int, list]:
+    """The ``*`` patterns of a rule table by their number of parts (computed once per table)."""
+    if key not in _PATTERNS:
+        found: dict[int, list] = {}
+        for pattern, rule in rules.items():
+            if "*" in pattern:
+                found.setdefault(pattern.count(".") + 1, []).append((pattern.split("."), rule))
+        _PATTERNS[key] = found
+    return _PATTERNS[key]
 
 
 def _range(rule: dict[str, Any]) -> str:
@@ -233,14 +247,17 @@ def violates(value: Any, rule: dict[str, Any]) -> bool:
 
 def leaves(cfg: DictConfig, skip: tuple[str, ...] = ()) -> Iterator[tuple[str, Any]]:
     """``(dotted key, value)`` of every key of ``cfg`` (lists whole, mappings as themselves and then their keys),
-    interpolations resolved and visited last (a value typed at its source is named there); keys under ``skip``
-    (top-level names) and keys that do not resolve are left out."""
+    interpolations resolved and visited last (a value typed at its source is named there), a mandatory value not
+    given as ``MISSING``; keys under ``skip`` (top-level names) and keys that do not resolve are left out."""
     later: list[tuple[str, Any]] = []
 
     def walk(node: DictConfig, prefix: str) -> Iterator[tuple[str, Any]]:
         for k in node:
             key = f"{prefix}{k}"
             if not prefix and k in skip:
+                continue
+            if OmegaConf.is_missing(node, k):
+                yield key, MISSING
                 continue
             try:
                 value = node[k]
@@ -263,11 +280,12 @@ def check_values(cfg: DictConfig) -> None:
     entry point calls it before any work (``segvoc.app``: before Hydra creates a folder, and per job in a sweep)."""
     from segvoc.errors import ConfigError
 
-    for key in sorted(OmegaConf.missing_keys(cfg)):
+    rules, unchecked = schema()
+    found = list(leaves(cfg, unchecked))
+    for key in sorted(k for k, v in found if v is MISSING):
         raise ConfigError(f"{key} is required: add {key}=<value> to the command (see the comment on {key} in "
                           f"{_config_file()})")
-    rules, unchecked = schema()
-    for key, value in leaves(cfg, unchecked):
+    for key, value in found:
         rule = rule_for(key, rules)
         if rule is None:
             continue
