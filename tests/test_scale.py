@@ -31,11 +31,13 @@ def _smoke(root: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, synthetic_root) -> Path:
-    """A 2-process CPU DDP training run (gloo)."""
+    """A 2-process CPU DDP training run (gloo), launched with overwrite=true and a weighted loss: rank 0 writes the
+    splits and the class weights before Lightning starts rank 1, which must follow rank 0's decision, not clear the
+    directory again (safety issue, item 3)."""
     out = tmp_path_factory.mktemp("ddp")
     r = _cli("segvoc.train", *_smoke(synthetic_root), "trainer=ddp_cpu", "trainer.max_epochs=1",
              "trainer.log_every_n_steps=1", "data.image_size=64", "data.num_workers=0", "data.batch_size=2",
-             f"hydra.run.dir={out}/run", f"paths.output_root={out}")
+             "overwrite=true", "loss=weighted_ce", f"hydra.run.dir={out}/run", f"paths.output_root={out}")
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -49,13 +51,16 @@ def test_ddp_training_writes_one_run_directory(ddp_run, synthetic_root, tmp_path
 
     assert [p.name for p in ddp_run.iterdir()] == ["run"]
     run = ddp_run / "run"
+    # what rank 0 wrote before rank 1 started is still there: rank 1 decided nothing and deleted nothing
+    assert (run / "class_weights.json").is_file() and (run / "splits" / "train.txt").is_file()
+    assert json.loads((run / ".segvoc-launch.json").read_text())["action"] == "start"
     metrics = json.loads((run / "metrics.json").read_text())
     assert (run / "checkpoints" / "best.ckpt").is_file()
     assert len(list((run / "tb").glob("events.out.tfevents.*"))) >= 1
     single = tmp_path / "single"
     r = _cli("segvoc.train", *_smoke(synthetic_root), "trainer=cpu", "trainer.max_epochs=1",
              "trainer.log_every_n_steps=1", "data.image_size=64", "data.num_workers=0", "data.batch_size=2",
-             f"hydra.run.dir={single}", f"paths.output_root={tmp_path}")
+             "loss=weighted_ce", f"hydra.run.dir={single}", f"paths.output_root={tmp_path}")
     assert r.returncode == 0, r.stderr[-3000:]
     for split in ("train", "val", "test"):
         assert (run / "splits" / f"{split}.txt").read_text() == (single / "splits" / f"{split}.txt").read_text()

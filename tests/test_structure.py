@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -192,3 +193,53 @@ def test_voc_class_names_live_only_in_the_voc_layout():
     other module takes the dataset's names."""
     offenders = [m for m, p in _modules().items() if "VOC_CLASSES" in p.read_text() and m != "segvoc.data.voc"]
     assert not offenders, offenders
+
+
+def test_the_resolvers_are_the_ones_hydra_cannot_replace_and_read_no_files():
+    """segvoc registers four OmegaConf resolvers, none of which touches the file system while a config is composed
+    (0.4's ``config_subdir`` looked for a run's ``.hydra/`` then: segvoc now writes ``.hydra/`` itself)."""
+    import os
+
+    from omegaconf import OmegaConf
+
+    import segvoc.config as config
+
+    ours = {name for name in ("repo_root", "run_dir", "run_id", "optuna_study", "config_subdir")
+            if OmegaConf.has_resolver(name)}
+    assert ours == {"repo_root", "run_dir", "run_id", "optuna_study"}
+
+    from unittest import mock
+
+    touched = []
+
+    def no_files(*args, **kwargs):
+        touched.append(args)
+        raise OSError("no file system while composing")
+
+    cfg = {"a": "${repo_root:}", "b": "${run_dir:auto,/x/new}", "c": "${run_dir:/x/old,/x/new}",
+           "d": "${run_id:}", "e": "${optuna_study:s,['loss=ce'],{}}"}
+    OmegaConf.to_container(OmegaConf.create(cfg), resolve=True)  # imports done once, before the file system goes
+    with contextlib.ExitStack() as stack:
+        for name in ("stat", "lstat", "listdir", "scandir", "open"):
+            stack.enter_context(mock.patch.object(os, name, no_files))
+        stack.enter_context(mock.patch("builtins.open", no_files))
+        resolved = OmegaConf.to_container(OmegaConf.create(cfg), resolve=True)
+    assert not touched, touched
+    assert resolved["a"] == str(config.REPO_ROOT) and resolved["b"] == "/x/new" and resolved["c"] == "/x/old"
+    assert resolved["e"].startswith("s-")
+
+
+def test_a_key_the_trainer_or_datamodule_does_not_take_is_one_line(smoke_cfg, capsys):
+    """The datamodule and the trainer are built by ``instantiate`` from their groups; a key their class does not
+    take is one line naming it (not Hydra's multi-line instantiation traceback), before training."""
+    from segvoc.app import run_app
+    from segvoc.train import train
+
+    for typed, line in (("+trainer.max_epoch=3", "trainer.max_epoch: pytorch_lightning.Trainer takes no such "
+                                                  "argument"),
+                        ("+data.batchsize=3", "data.batchsize: segvoc.data.datamodule.SegmentationDataModule takes "
+                                              "no such argument")):
+        with pytest.raises(SystemExit) as exc:
+            run_app(train, smoke_cfg(typed))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and err == [f"error: {line}; remove it or check its spelling"], err
