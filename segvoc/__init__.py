@@ -1,3 +1,3 @@
-"""segvoc: Hydra + PyTorch Lightning experiments for semantic segmentation on PASCAL VOC 2012."""
+"""segvoc: Hydra + PyTorch Lightning experiments for semantic segmentation: PASCAL VOC 2012, or your own data."""
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
