@@ -89,12 +89,12 @@ def test_a_0_4_run_evaluates_to_its_own_scores(run_0_4, tmp_path):
     assert got["per_class_iou"] == pytest.approx(expected["per_class_iou"], abs=1e-9)
 
 
-def test_a_0_4_run_counts_as_finished_and_as_segvoc_s_own(run_0_4, tmp_path):
+def test_a_0_4_run_counts_as_finished_and_as_segvoc_s_own(run_0_4, tmp_path, monkeypatch):
     """resume=auto skips it as finished (0.4 wrote metrics.json and MODEL_CARD.md last); without them it resumes;
     overwrite=true may clear it (its .hydra/ and checkpoints prove segvoc made it) and keeps a user's file."""
     from segvoc.config import stored_overrides
-    from segvoc.runs.lifecycle import decide, finished, legacy_run
-    from segvoc.safety.ownership import owned
+    from segvoc.runs.lifecycle import LAUNCH_ENV, decide, finished, legacy_run, open_run
+    from segvoc.safety.ownership import owned, read_marker
 
     run, data = run_0_4
     copy = tmp_path / "run"
@@ -106,6 +106,13 @@ def test_a_0_4_run_counts_as_finished_and_as_segvoc_s_own(run_0_4, tmp_path):
     (copy / "MODEL_CARD.md").unlink()  # died before its last file: resumed and re-scored, not skipped
     assert decide(compose([*common, "resume=auto"]), typed).action == "resume"
     assert decide(compose([*common, "overwrite=true"]), typed).clear
+    (copy / "notes.txt").write_text("mine")
+    monkeypatch.delenv(LAUNCH_ENV, raising=False)  # open_run publishes its decision there (for DDP ranks)
+    with open_run(compose([*common, "overwrite=true"])) as run:  # decided, locked, cleared and claimed
+        assert run.clear
+    assert (copy / "notes.txt").read_text() == "mine"
+    assert not list((copy / "checkpoints").glob("*.ckpt")) and not (copy / "metrics.json").exists()
+    assert read_marker(copy)["kind"] == "run"
 
 
 def test_0_4_checkpoint_callback_states_load_into_today_s_callbacks():
@@ -127,11 +134,24 @@ def test_a_0_4_run_resumes(run_0_4, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     (copy / "metrics.json").unlink()
-    before = read_checkpoint(copy / "checkpoints" / "last.ckpt")
+    (copy / "MODEL_CARD.md").unlink()  # both written again by the resumed run (0.4 added RunArtifacts in code)
+    last = copy / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    tracking = [v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint{'monitor': 'val/miou'")]
+    assert len(tracking) == 1
+    # a best the resumed epoch cannot beat (Lightning saves by best_k_models, reports best_model_score)
+    tracking[0]["best_model_score"] = torch.tensor(0.999)
+    tracking[0]["best_k_models"] = {path: torch.tensor(0.999) for path in tracking[0]["best_k_models"]}
+    torch.save(ckpt, last)
+    best = (copy / "checkpoints" / "best.ckpt").read_bytes()
+    before = read_checkpoint(last)
     metrics = train(compose([f"resume={copy}", f"paths.output_dir={copy}", f"data.root={data}",
                              "trainer.max_epochs=3", "trainer.enable_progress_bar=false"]))
     after = read_checkpoint(copy / "checkpoints" / "last.ckpt")
     assert (before["epoch"], after["epoch"]) == (1, 2) and after["global_step"] > before["global_step"]
     assert (copy / "MODEL_CARD.md").is_file() and metrics["test"]["epoch"] is not None
+    assert json.loads((copy / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    # 0.4's stored checkpoint state (dirpath of the machine that made it) keeps its best: best.ckpt not overwritten
+    assert (copy / "checkpoints" / "best.ckpt").read_bytes() == best
     assert json.loads((copy / "class_weights.json").read_text()) == json.loads(
         (FIXTURE_0_4 / "class_weights.json").read_text())

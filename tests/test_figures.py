@@ -172,6 +172,8 @@ def test_report_figures_name_the_experiment_and_the_run_and_keep_the_legend_off_
     fig = drawn[0]
     fig.canvas.draw()  # (Agg) positions known
     ax = fig.axes[0]
-    assert "all runs" not in ax.get_title() and "seed -" not in ax.get_title()
+    assert ax.get_title() == figure_title(run)
+    unknown = Run(run_dir, {}, {"name": "4a_baseline"})  # a run whose config records no seed
+    assert figure_title(unknown) == f"4a_baseline, seed unknown ({run_dir.name})"
     legend = ax.get_legend().get_window_extent()
     assert not legend.overlaps(ax.get_window_extent()), "the legend covers the plot"

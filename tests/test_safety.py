@@ -100,9 +100,12 @@ def test_overwrite_of_a_segvoc_run_clears_only_its_outputs(smoke_cfg, tmp_path):
     stale = tmp_path / "checkpoints" / ".last.ckpt.k3j2h1g0.tmp"
     stale.write_bytes(b"\0" * 1000)
     stamp = (tmp_path / "metrics.json").stat().st_mtime_ns
+    earlier = sorted((tmp_path / "tb").rglob("events.out.tfevents.*"))  # an output the new run does not rewrite
+    assert earlier
     train(smoke_cfg("trainer.max_epochs=1", "data.subset=2", "overwrite=true"))
     assert (tmp_path / "notes.txt").read_text() == "mine" and not stale.exists()
     assert (tmp_path / "metrics.json").stat().st_mtime_ns > stamp
+    assert not [p for p in earlier if p.exists()], "overwrite=true kept the earlier run's TensorBoard events"
 
 
 # ---- B: one owner per run directory -------------------------------------------------------------------------------
@@ -144,6 +147,9 @@ def test_launches_in_one_slurm_job_get_their_own_run_ids(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     a, b = _run_id(), _run_id()
     assert a != b and a.startswith("j4242_") and b.startswith("j4242_")
+    monkeypatch.setenv("SLURM_STEP_ID", "3")  # one single-task step (srun -n1) running two launches: two runs
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert _run_id() != _run_id()
     monkeypatch.setenv("SLURM_NTASKS", "2")
     monkeypatch.setenv("SLURM_STEP_ID", "3")
     assert _run_id() == _run_id() == "j4242_s3"
@@ -151,27 +157,34 @@ def test_launches_in_one_slurm_job_get_their_own_run_ids(monkeypatch):
 
 # ---- C: commit last ------------------------------------------------------------------------------------------------
 
-def test_a_run_that_died_in_its_final_phase_is_completed_not_skipped(smoke_cfg, tmp_path, monkeypatch):
-    """Item 6: ``metrics.json`` is written, then the run dies before ``MODEL_CARD.md`` and the trackers' finish.
-    ``resume=auto`` re-scores the best checkpoint and writes what is missing; only then is the run finished."""
+@pytest.mark.parametrize("phase", ["write_model_card", "finish_trackers"])
+def test_a_run_that_died_in_its_final_phase_is_completed_not_skipped(smoke_cfg, tmp_path, monkeypatch, phase):
+    """Item 6: ``metrics.json`` is written, then the run dies before ``MODEL_CARD.md`` (or after it, in the
+    trackers' finish: then both files of a finished 0.4 run are there). ``resume=auto`` re-scores the best checkpoint
+    and writes what is missing; only then is the run finished. A ``.last.ckpt.*.tmp`` its killed save left is
+    removed when it continues."""
     import segvoc.runs.artifacts as artifacts
     from segvoc.runs.lifecycle import FINISHED
     from segvoc.train import train
 
-    original = artifacts.write_model_card
+    original = getattr(artifacts, phase)
 
     def die(*args, **kwargs):
-        raise RuntimeError("killed while writing the model card")
+        raise RuntimeError(f"killed in {phase}")
 
-    monkeypatch.setattr(artifacts, "write_model_card", die)
-    with pytest.raises(RuntimeError, match="killed while writing"):
+    monkeypatch.setattr(artifacts, phase, die)
+    with pytest.raises(RuntimeError, match=f"killed in {phase}"):
         train(smoke_cfg("trainer.max_epochs=1", "data.subset=2", "resume=auto"))
-    assert (tmp_path / "metrics.json").is_file() and not (tmp_path / "MODEL_CARD.md").exists()
+    assert (tmp_path / "metrics.json").is_file()
+    assert (tmp_path / "MODEL_CARD.md").exists() == (phase == "finish_trackers")
     assert not (tmp_path / FINISHED).exists()
-    monkeypatch.setattr(artifacts, "write_model_card", original)
+    stale = tmp_path / "checkpoints" / ".last.ckpt.k3j2h1g0.tmp"
+    stale.write_bytes(b"\0" * 1000)
+    monkeypatch.setattr(artifacts, phase, original)
     metrics = train(smoke_cfg("trainer.max_epochs=1", "data.subset=2", "resume=auto"))
     assert (tmp_path / "MODEL_CARD.md").is_file() and (tmp_path / FINISHED).is_file()
     assert json.loads((tmp_path / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    assert not stale.exists()
 
 
 # ---- D: configs read from files are data ---------------------------------------------------------------------------
@@ -304,18 +317,28 @@ def test_hub_weights_load_as_tensors_and_a_cached_file_is_hash_checked(tmp_path,
 # ---- I: resume keeps everything ------------------------------------------------------------------------------------
 
 def test_resume_appends_to_the_csv_history(smoke_cfg, tmp_path):
-    """Item 7: ``logger=csv``: the resumed run appends to ``csv/metrics.csv`` (Lightning's CSVLogger deleted it)."""
+    """Item 7: ``logger=csv``: the resumed run appends to ``csv/metrics.csv`` (Lightning's CSVLogger deleted it), and
+    drops what the earlier launch logged after its last checkpoint (logged again now), as TensorBoard's purge_step."""
     import csv
 
     from segvoc.config import compose
     from segvoc.train import train
 
+    table = tmp_path / "csv" / "metrics.csv"
+
     def validated_epochs() -> list[str]:
-        with open(tmp_path / "csv" / "metrics.csv", newline="") as f:
+        with open(table, newline="") as f:
             return [r["epoch"] for r in csv.DictReader(f) if r.get("val/miou")]
 
     train(smoke_cfg("logger=csv", "trainer.max_epochs=1", "data.subset=2"))
     assert validated_epochs() == ["0"]
+    # the earlier launch validated epoch 1 and was killed before saving it: a row at the checkpoint's step
+    step = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    with open(table, newline="") as f:
+        header = next(csv.reader(f))
+    with open(table, "a", newline="") as f:
+        csv.DictWriter(f, header).writerow({"epoch": "1", "step": str(step), "val/miou": "0.5"})
+    assert validated_epochs() == ["0", "1"]
     train(compose([f"resume={tmp_path}", f"paths.output_dir={tmp_path}", "trainer.max_epochs=2"]))
     assert validated_epochs() == ["0", "1"]
 
@@ -330,9 +353,11 @@ def test_a_moved_run_keeps_its_best_checkpoint_tracking(smoke_cfg, tmp_path):
     train(smoke_cfg(f"paths.output_dir={first}", "trainer.max_epochs=1", "data.subset=2"))
     last = first / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last, weights_only=True)
-    for key, state in ckpt["callbacks"].items():
-        if key.startswith("ModelCheckpoint{'monitor': 'val/miou'"):
-            state["best_model_score"] = torch.tensor(0.999)  # a best no later epoch of this run can beat
+    tracking = [v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint{'monitor': 'val/miou'")]
+    assert len(tracking) == 1
+    # a best no later epoch of this run can beat (Lightning saves by best_k_models, reports best_model_score)
+    tracking[0]["best_model_score"] = torch.tensor(0.999)
+    tracking[0]["best_k_models"] = {path: torch.tensor(0.999) for path in tracking[0]["best_k_models"]}
     torch.save(ckpt, last)
     moved = tmp_path / "moved"
     shutil.move(first, moved)
@@ -367,6 +392,8 @@ def test_early_stopping_records_its_decision():
     es = ResumableEarlyStopping(monitor="val/miou", mode="max", patience=1)
     assert not es._evaluate_stopping_criteria(torch.tensor(0.5))[0] and not es.decided
     assert es._evaluate_stopping_criteria(torch.tensor(0.4))[0] and es.decided
+    es._evaluate_stopping_criteria(torch.tensor(0.6))  # a later improvement (min_epochs kept it training) ...
+    assert es.decided  # ... does not take the decision back, as Lightning's trainer.should_stop stays set
     restored = ResumableEarlyStopping(monitor="val/miou", mode="max", patience=1)
     restored.load_state_dict(es.state_dict())
     trainer = SimpleNamespace(should_stop=False)

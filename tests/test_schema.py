@@ -38,9 +38,14 @@ def composed() -> tuple[tuple[str, DictConfig], ...]:
 
 def test_every_key_the_commands_compose_has_a_rule():
     rules, unchecked = schema()
-    missing = sorted({key for _, cfg in composed() for key, value in leaves(cfg, unchecked)
-                      if not isinstance(value, DictConfig) and rule_for(key, rules) is None})
+    keys = [(key, value) for _, cfg in composed() for key, value in leaves(cfg, unchecked)]
+    missing = sorted({key for key, value in keys if not isinstance(value, DictConfig) and rule_for(key, rules) is None})
     assert not missing, f"keys without a rule in conf/schema.yaml: {missing}"
+    # and every rule is some composed key's own (or a key users add): the walk reached the nested keys, and a key
+    # is not covered by another key's rule
+    used = {id(rule_for(key, rules)) for key, _ in keys}
+    unused = sorted(p for p, rule in rules.items() if id(rule) not in used and p not in ADDED)
+    assert not unused, f"rules in conf/schema.yaml that no composed key has: {unused}"
 
 
 def test_every_rule_accepts_what_the_project_ships():
@@ -97,6 +102,7 @@ def bad_values(rule: dict) -> list:
             values.append(rule["below"])
         if kind == "int":
             values += [2.5, float(rule.get("min", 1) + 1)]  # 2.0 is not a whole number of the config's type
+            values += [float(a) for a in also if type(a) is int]  # -1.0 is not the -1 that "also" accepts
     return [v for v in values if not any(v == a and type(v) is type(a) for a in also)]
 
 
@@ -142,7 +148,9 @@ def test_num_classes_below_a_mask_label_names_the_first_file(smoke_cfg, tmp_path
     with pytest.raises(SystemExit) as exc:
         run_app(train, cfg)
     assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: ") and "SegmentationClass/syn_" in err and ".png: mask has values " in err
+    captured = capsys.readouterr().err
+    assert "Traceback" not in captured, captured[-2000:]
+    err = captured.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "SegmentationClass/syn_" in err and ".png: mask has values [" in err
     assert "outside 0-4 and 255 (data.num_classes=5)" in err
     assert not list(Path(tmp_path).rglob("*.ckpt"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -182,9 +183,11 @@ print('ok')
 
 
 def test_only_the_ownership_rule_deletes_folders():
-    """Rule A has one place: ``shutil.rmtree`` (deleting a folder and everything in it) is called only by
-    ``segvoc.safety.ownership``, which checks the folder's marker first."""
-    offenders = [m for m, p in _modules().items() if "rmtree" in p.read_text() and m != "segvoc.safety.ownership"]
+    """Rule A has one place: deleting a folder and everything in it (``shutil.rmtree``, ``os.removedirs``, an ``rm``
+    command) is done only by ``segvoc.safety.ownership``, which checks the folder's marker first."""
+    deleting = re.compile(r"rmtree|removedirs|[\"']rm[\"' ]")
+    offenders = [m for m, p in _modules().items()
+                 if deleting.search(p.read_text()) and m != "segvoc.safety.ownership"]
     assert not offenders, offenders
 
 
