@@ -83,6 +83,18 @@ def test_class_statistics_by_hand(tmp_path):
     assert stats.image_pixels.tolist() == [14, 14, 7, 0]
 
 
+def test_class_statistics_count_labels_beyond_voc_with_more_classes(tmp_path):
+    """A 30-class dataset's label 25 is counted (the mask check takes the dataset's class count, not VOC's 21)."""
+    import numpy as np
+
+    from segvoc.data.io import save_palette_mask
+    from segvoc.data.palette import ClassSet
+
+    save_palette_mask(np.array([[0, 25, 25], [29, 255, 0]], dtype=np.uint8), tmp_path / "m.png")
+    stats = class_statistics([tmp_path / "m.png"], ClassSet(tuple(f"c{i}" for i in range(30))))
+    assert stats.counts.tolist() == [2] + [0] * 24 + [2, 0, 0, 0, 1]
+
+
 # N = 14 labelled pixels, K = 3 present classes, n = (8, 3, 3, 0); absent class 3 always gets 0
 HAND = {
     "inverse_frequency": [14 / 24, 14 / 9, 14 / 9, 0.0],

@@ -243,6 +243,27 @@ def test_a_crafted_checkpoint_config_runs_no_code_in_any_command(tiny_run, tmp_p
         assert not marker.exists(), name
 
 
+@pytest.mark.parametrize("target", ["segvoc.utils.os.system", "torch.nn.modules.module.torch.hub.load",
+                                    "segvoc.engine.checkpoint.torch.load", "pytorch_lightning.Trainer.__init__",
+                                    "pytorch_lightning.Trainerx"])
+def test_a_target_that_reaches_outside_the_allowlist_through_an_allowed_module_is_refused(tiny_run, target):
+    """A name that starts with an allowed module but walks out of it (``segvoc.utils`` imports ``os``) is judged by
+    where the object is defined; every target segvoc's own configs name still passes."""
+    from segvoc.config import CONF_DIR
+    from segvoc.engine.checkpoint import checkpoint_config, read_checkpoint
+    from segvoc.errors import UntrustedConfigError
+    from segvoc.safety.trust import SIGNATURE_KEY, allowed
+
+    ckpt = read_checkpoint(tiny_run / "checkpoints" / "best.ckpt")
+    ckpt["hyper_parameters"].pop(SIGNATURE_KEY, None)  # as downloaded: not signed by this user
+    ckpt["hyper_parameters"]["cfg"]["model"]["encoder_channels"] = {"_target_": target, "_args_": ["x"]}
+    with pytest.raises(UntrustedConfigError, match=rf"model\.encoder_channels\._target_='{target}'"):
+        checkpoint_config(ckpt)
+    shipped = {line.split("_target_:")[1].split()[0] for path in CONF_DIR.rglob("*.yaml")
+               for line in path.read_text().splitlines() if "_target_:" in line and "{" not in line}
+    assert len(shipped) > 30 and all(allowed(t) for t in shipped), sorted(t for t in shipped if not allowed(t))
+
+
 def test_an_untrusted_exported_file_and_the_cli_refuse_before_writing(tiny_run, tmp_path):
     """The config stored in an exported file is checked too; on the command line the refusal is one line and
     evaluate creates no output folder."""

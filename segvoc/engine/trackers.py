@@ -16,6 +16,8 @@ from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_only
 
+from segvoc.utils import atomic_write
+
 log = logging.getLogger("segvoc")
 
 
@@ -88,10 +90,12 @@ class _AppendingWriter(ExperimentWriter):
                 reader = csv.DictReader(f)
                 self.metrics_keys = list(reader.fieldnames or [])
                 rows = [r for r in reader if purge_step is None or not r.get("step") or int(r["step"]) < purge_step]
-            with self._fs.open(self.metrics_file_path, "w", newline="") as f:
+            def write(f: Any) -> None:
                 writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
                 writer.writeheader()
                 writer.writerows(rows)
+
+            atomic_write(self.metrics_file_path, write)  # a crash here keeps the old history, not half of it
 
 
 class ResumableCSVLogger(CSVLogger):

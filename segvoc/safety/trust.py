@@ -3,7 +3,8 @@
 ``hydra.utils.instantiate`` runs whatever ``_target_`` names. A config that comes from a file (a checkpoint's stored
 run config, an exported model's metadata) is therefore checked here, before anything is built from it: every
 ``_target_`` in it must start with one of ``ALLOWED`` (segvoc's own modules and the libraries whose classes segvoc's
-own configs name), or the command stops with one line naming the key, the target and the file.
+own configs name), and the object it names must be defined there too (``segvoc.utils.os.system`` starts with
+``segvoc.`` but is ``os.system``), or the command stops with one line naming the key, the target and the file.
 
 Files segvoc writes for this user carry a signature of their config: an HMAC-SHA256 under a key that only this user
 can read (``$SEGVOC_HOME/trust.key``, default ``~/.config/segvoc``, mode 0600, made on first use). A config whose
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import importlib
+import inspect
 import json
 import os
 import secrets
@@ -33,13 +36,13 @@ ALLOWED: tuple[str, ...] = (
     "torchvision.models.",
     "segmentation_models_pytorch.",
     "albumentations.",
-    "pytorch_lightning.Trainer",
     "pytorch_lightning.callbacks.",
     "pytorch_lightning.loggers.",
-    "lightning.pytorch.Trainer",
     "lightning.pytorch.callbacks.",
     "lightning.pytorch.loggers.",
 )
+# single objects outside those prefixes, allowed by their exact name
+ALLOWED_NAMES: frozenset[str] = frozenset({"pytorch_lightning.Trainer", "lightning.pytorch.Trainer"})
 SIGNATURE_KEY = "cfg_signature"  # where checkpoints (hyper_parameters) and exported metadata keep the signature
 
 
@@ -99,12 +102,37 @@ def targets(node: Any, key: str = "") -> Iterator[tuple[str, Any]]:
             yield from targets(v, f"{key}[{i}]")
 
 
+def _defined_under(target: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether the object ``target`` names is defined in a module under ``prefixes`` (its ``__module__``), not
+    merely reached through one: an attribute walk may leave the package (``torch.nn.modules.module.torch.hub.load``).
+    Only modules under ``prefixes`` are imported to find out; a name that does not resolve passes here and fails
+    later as not found, with nothing built."""
+    parts = target.split(".")
+    for cut in range(len(parts), 0, -1):  # the longest importable module, then attributes (as Hydra's locate)
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:cut]))
+        except Exception:  # noqa: BLE001 - not a module (or one that fails to import): try a shorter name
+            continue
+        try:
+            for name in parts[cut:]:
+                obj = getattr(obj, name)
+        except AttributeError:
+            return True  # not found: instantiate names it, with nothing built
+        break
+    else:
+        return True
+    module = obj.__name__ if inspect.ismodule(obj) else getattr(obj, "__module__", None)
+    return isinstance(module, str) and any(f"{module}.".startswith(p) for p in prefixes)
+
+
 def allowed(target: Any, extra: Iterable[str] = ()) -> bool:
-    """Whether ``target`` names an object under one of ``ALLOWED`` (or ``extra``) module prefixes."""
+    """Whether ``target`` names an object defined under one of ``ALLOWED`` module prefixes (or is one of
+    ``ALLOWED_NAMES``), or starts with a prefix the user typed in ``extra`` (trusted as typed)."""
     if not isinstance(target, str):
         return False
-    prefixes = (*ALLOWED, *(p if p.endswith(".") else p + "." for p in extra))
-    return any(target.startswith(p) for p in prefixes)
+    if target in ALLOWED_NAMES or any(target.startswith(p if p.endswith(".") else p + ".") for p in extra):
+        return True
+    return any(target.startswith(p) for p in ALLOWED) and _defined_under(target, ALLOWED)
 
 
 def check_config(cfg: dict[str, Any], source: str | Path, signature: str | None = None,
