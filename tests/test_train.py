@@ -21,7 +21,7 @@ from segvoc.train import train
 
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("[45]*.yaml"))
 KEYS = {"loss", "miou", "pixel_acc", "mean_class_acc", "per_class_iou", "boundary_miou", "per_class_boundary_iou",
-        "ece", "calibration", "ci", "ci_method", "ci_na", "epoch"}
+        "ece", "calibration", "ci", "ci_method", "ci_na", "epoch", "classes"}
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_preset_smoke_fit_and_test(preset, smoke_cfg, resnet_weights, tmp_path):
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
     for split in ("val", "test"):
         assert set(on_disk[split]) == KEYS
-        assert len(on_disk[split]["per_class_iou"]) == 21
+        assert len(on_disk[split]["per_class_iou"]) == len(on_disk[split]["classes"]) == 21
         assert 0.0 <= on_disk[split]["pixel_acc"] <= 1.0
         assert on_disk[split]["miou"] == pytest.approx(metrics[split]["miou"])
     assert (tmp_path / "checkpoints" / "best.ckpt").is_file() and (tmp_path / "checkpoints" / "last.ckpt").is_file()

@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from segvoc.data.device_augment import DeviceAugment, augment_batch
 from segvoc.data.transforms import Normalize
-from segvoc.engine.builders import build_datamodule, build_loss, build_model, build_task, build_trainer
+from segvoc.engine.builders import build, build_datamodule, build_loss, build_model, build_task, build_trainer
 from segvoc.engine.perf import prepare_model
 
 
@@ -187,8 +187,6 @@ def _framework_cost(cfg: DictConfig, batch_size: int, size: int, warmup: int, st
     clock = time.perf_counter if device.type == "cuda" else time.thread_time
     times: dict[str, list[float]] = {"plain": [], "lightning_floor": [], "segvoc": []}
     extra: dict[str, list[float]] = {"lightning_floor": [], "segvoc": []}
-    trainer_kwargs = {k: v for k, v in dict(cfg.trainer).items() if k not in ("enable_checkpointing",)}
-    trainer_kwargs.update(enable_model_summary=False, num_sanity_val_steps=0)
     for _ in range(rounds):
         for kind in ("lightning_floor", "segvoc"):
             task = build_task(cfg, pretrained=False)
@@ -197,7 +195,8 @@ def _framework_cost(cfg: DictConfig, batch_size: int, size: int, warmup: int, st
                 probe = _interleaved_fit(task, build_trainer(cfg), plain, batch, warmup, steps, val, clock)
             else:
                 floor = FloorModule(PlainStep(copy.deepcopy(task.model), cfg, (x, y), device, precision))
-                trainer = pl.Trainer(**trainer_kwargs, logger=False, enable_checkpointing=False, callbacks=[])
+                trainer = build(cfg.trainer, "trainer", logger=False, enable_checkpointing=False, callbacks=[],
+                                enable_model_summary=False, num_sanity_val_steps=0)
                 probe = _interleaved_fit(floor, trainer, plain, batch, warmup, steps, clock=clock)
             times["plain"] += probe.plain_s
             times[kind] += probe.task_s
