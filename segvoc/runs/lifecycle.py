@@ -143,8 +143,8 @@ def decide(cfg: DictConfig, overrides: list[str] | None = None) -> Run:
         run_dir = Path(resume).expanduser().resolve()
         ownership.check_owned(run_dir, "run", legacy_run, "resume= takes the run directory of a segvoc run")
         run = Run(run_dir, "resume", resume_config(cfg, overrides))
-    elif overwrite:
-        run = Run(out, "start", cfg, clear=True)
+    elif overwrite:  # clears only names a run writes (the lock, a log Hydra opened, are no earlier run)
+        run = Run(out, "start", cfg, clear=_earlier_outputs(out))
     elif resume == "auto":
         run = _auto(cfg, out, overrides)
     elif holds_run(out):
@@ -157,7 +157,7 @@ def decide(cfg: DictConfig, overrides: list[str] | None = None) -> Run:
         check_root(run.cfg.data.root)
     if run.action == "start":  # the dataset's classes, into the config every checkpoint and output carries
         run.cfg = with_classes(run.cfg)
-    if run.clear and not ownership.is_empty(out):
+    if run.clear:
         ownership.check_owned(out, "run", legacy_run, f"{FIX}, or delete it yourself")
     elif run.action == "start":  # a new run: the folder must not hold run outputs segvoc did not write
         _claimable(out)
@@ -210,7 +210,12 @@ def _auto(cfg: DictConfig, out: Path, overrides: list[str]) -> Run:
         return Run(out, "resume", resume_config(cfg, resume_overrides(overrides, before)))
     with open_dict(cfg):
         cfg.resume = None
-    return Run(out, "start", cfg, clear=holds_run(out) or any((out / n).exists() for n in CLEARED))
+    return Run(out, "start", cfg, clear=_earlier_outputs(out))
+
+
+def _earlier_outputs(out: Path) -> bool:
+    """Whether ``out`` holds what an earlier run wrote (and a new start clears)."""
+    return holds_run(out) or any((out / n).exists() for n in CLEARED)
 
 
 def _act(run: Run) -> None:
