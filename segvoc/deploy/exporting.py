@@ -30,6 +30,8 @@ from segvoc.safety.trust import SIGNATURE_KEY
 from segvoc.utils import one_line, temp_beside
 
 if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
     from segvoc.engine.task import SegmentationTask
 
 RETURNS = ("logits", "mask")
@@ -239,3 +241,11 @@ def export_metadata(task: SegmentationTask, source: Path, epoch: int | None) -> 
         "segvoc": __version__,
         "torch": torch.__version__,
     }
+
+
+def parity_tolerance(cfg: DictConfig, model: str | None) -> dict[str, float]:
+    """``conf/export.yaml``'s ``parity``: the report models' tolerance, or a reference model's looser one."""
+    parity = cfg.parity
+    looser = (parity.get("references") or {}).get(model) if model else None
+    return {"max_abs_diff": float(looser if looser is not None else parity.max_abs_diff),
+            "min_agreement": float(parity.min_agreement)}
