@@ -56,7 +56,7 @@ def test_checker_lists_every_bad_pair(voc_mini, tmp_path):
 @pytest.mark.slow
 def test_checker_cli_exit_codes(voc_mini, tmp_path):
     ok = _cli("segvoc.data.check", f"data.root={voc_mini}", f"paths.output_root={tmp_path}")
-    assert ok.returncode == 0 and "no problems found" in ok.stdout and "train 2" in ok.stdout
+    assert ok.returncode == 0 and "no errors found" in ok.stdout and "train 2" in ok.stdout
     root = _copy(voc_mini, tmp_path / "bad")
     mask = np.array(Image.open(root / "SegmentationClass" / "2007_000042.png"))
     mask[0, 0] = 77

@@ -157,6 +157,7 @@ def test_per_class_figure_shows_every_class_in_the_truth_and_marks_total_failure
 
     from matplotlib.figure import Figure
 
+    from segvoc.data.voc import VOC_CLASSES
     from segvoc.reporting.study import per_class_by_group_png
 
     runs = []
@@ -175,7 +176,7 @@ def test_per_class_figure_shows_every_class_in_the_truth_and_marks_total_failure
     groups = group_by_seed(runs, [json.loads((r / "metrics.json").read_text()) for r in runs])
     drawn = []
     monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: drawn.append(fig))
-    assert per_class_by_group_png(groups, tmp_path / "pc.png")
+    assert per_class_by_group_png(groups, tmp_path / "pc.png", VOC_CLASSES)
     ax = drawn[0].axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["background", "cat", "dog"]
     assert [t.get_text() for t in ax.texts] == ["0"] and ax.texts[0].get_position()[0] == 2  # dog: total failure

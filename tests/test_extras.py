@@ -130,8 +130,9 @@ def test_command_line_choices_that_need_an_extra(monkeypatch, capsys):
                                            f"pip install 'segvoc[{extra}]'\n")
 
 
-def test_the_sweeper_and_the_study_callback_name_the_sweep_extra(monkeypatch):
-    """A search chosen in a config file (no command-line choice to check) still ends with the extra's name."""
+def test_the_sweeper_and_the_study_callback_name_the_sweep_extra(monkeypatch, capsys):
+    """A search chosen in a config file (no command-line choice to check) still ends with the extra's name: one
+    line and exit code 2 from the sweeper."""
     from omegaconf import OmegaConf
 
     from hydra_plugins.segvoc_optuna.segvoc_optuna_sweeper import SegvocOptunaSweeper
@@ -139,11 +140,17 @@ def test_the_sweeper_and_the_study_callback_name_the_sweep_extra(monkeypatch):
 
     monkeypatch.setitem(EXTRAS, "sweep", ("segvoc_no_such_module",))
     sweeper = SegvocOptunaSweeper(None, None, "maximize", None, "s", 1, 1)
-    with pytest.raises(MissingExtraError, match=r"^hydra/sweeper=segvoc_optuna needs the sweep extra"):
+    with pytest.raises(SystemExit) as exc:
         sweeper.sweep([])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == ("error: hydra/sweeper=segvoc_optuna needs the sweep extra: pip install "
+                                       "'segvoc[sweep]'\n")
     config = OmegaConf.create({"hydra": {"sweeper": {"storage": None}}})
-    with pytest.raises(MissingExtraError, match=r"^hparams_search=optuna needs the sweep extra"):
+    with pytest.raises(SystemExit) as exc:
         OptunaStudy().on_multirun_start(config)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == ("error: hparams_search=optuna needs the sweep extra: pip install "
+                                       "'segvoc[sweep]'\n")
 
 
 # Runs in a fresh interpreter: the hook first, then every command through its ``python -m`` entry (runpy), so the

@@ -255,7 +255,7 @@ def test_prepare_cli_and_train_download_use_the_same_code(tmp_path, server, arch
     r = subprocess.run([sys.executable, "-m", "segvoc.data.prepare", *common], cwd=REPO_ROOT, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "no problems found" in r.stdout and f"train {len(EXPECTED_TRAIN_AUG)}" in r.stdout
+    assert "no errors found" in r.stdout and f"train {len(EXPECTED_TRAIN_AUG)}" in r.stdout
     server.requests.clear()
     train = [sys.executable, "-m", "segvoc.train", *common, "data.download=true", "debug=smoke",
              "trainer.max_epochs=1", "data.image_size=32", "logger=none", "trainer.enable_progress_bar=false",
