@@ -210,10 +210,12 @@ def test_failed_sweep_job_counts_as_finished_once_it_runs_again(smoke_cfg, tmp_p
 
     job = tmp_path / "sweep" / "0_fcn_baseline"
     cfg = smoke_cfg(f"paths.output_dir={job}", "trainer.max_epochs=1")
-    (job / ".hydra").mkdir(parents=True)  # what Hydra keeps of the job's launch
-    OmegaConf.save(OmegaConf.create(command_line_overrides()), job / ".hydra" / "overrides.yaml")
     train(cfg)
-    (job / "metrics.json").unlink()  # as if the job had died after its checkpoint
+    # what a command saves of the job's launch (segvoc writes .hydra/ itself, once the folder is its run's)
+    (job / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(command_line_overrides()), job / ".hydra" / "overrides.yaml")
+    for name in ("metrics.json", ".segvoc-finished.json"):  # as if the job had died after its checkpoint
+        (job / name).unlink()
     (job / FAILED_MARKER).write_text(json.dumps({"error": "DatasetError: broken file"}))
     assert summarize(tmp_path / "sweep")["failed"] == {"0_fcn_baseline": "DatasetError: broken file"}
     train(smoke_cfg(f"paths.output_dir={job}", "trainer.max_epochs=1", "resume=auto"))

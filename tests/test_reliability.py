@@ -306,7 +306,8 @@ def test_resume_auto_starts_skips_resumes_and_refuses_another_runs_dir(smoke_cfg
     assert (tmp_path / "metrics.json").is_file()
     assert train(smoke_cfg("resume=auto")) == json.loads((tmp_path / "metrics.json").read_text())  # finished
     assert f"skipped, finished: {tmp_path}" in capsys.readouterr().out
-    (tmp_path / "metrics.json").unlink()                          # as if killed before scoring: resumes
+    for name in ("metrics.json", ".segvoc-finished.json"):       # as if killed before scoring: resumes
+        (tmp_path / name).unlink()
     cfg = smoke_cfg("resume=auto")
     assert train(cfg)["test"] == first["test"]
     with pytest.raises(ConfigError, match="holds another run's files"):
@@ -319,9 +320,9 @@ def test_resume_auto_starts_skips_resumes_and_refuses_another_runs_dir(smoke_cfg
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "overrides.yaml").write_text("- loss=dice\n")
     with pytest.raises(ConfigError, match="other overrides"):  # launched differently: never resumed or skipped
-        from segvoc.runs.directory import auto_resume
+        from segvoc.runs.lifecycle import decide
 
-        auto_resume(smoke_cfg("resume=auto"), ["loss=ce"])
+        decide(smoke_cfg("resume=auto"), ["loss=ce"])
     stamp = (tmp_path / "metrics.json").stat().st_mtime_ns
     assert train(smoke_cfg("overwrite=true"))["test"] == first["test"]  # starts again from scratch, same result
     assert (tmp_path / "metrics.json").stat().st_mtime_ns > stamp

@@ -23,6 +23,7 @@ from segvoc.data.layouts import dataset_classes
 from segvoc.data.statistics import cached_class_statistics
 from segvoc.engine.checkpoint import checkpoint_config, load_state, read_checkpoint
 from segvoc.engine.feature_cache import FeatureCache
+from segvoc.engine.interrupts import PreemptionCheckpoint
 from segvoc.engine.perf import prepare_model
 from segvoc.engine.task import SegmentationTask
 from segvoc.errors import ConfigError, SegvocError
@@ -195,4 +196,7 @@ def build_trainer(cfg: DictConfig, evaluation: bool = False, purge_step: int | N
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar it was told not to show
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    # the stop check runs after every other callback (one added on the command line too), so that a stop asked for
+    # during a batch's hooks is taken at that batch's boundary; Lightning then moves the checkpoint callbacks last
+    callbacks.sort(key=lambda c: isinstance(c, PreemptionCheckpoint))
     return build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
