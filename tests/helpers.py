@@ -20,7 +20,8 @@ class SignalAt(pl.Callback):
     whole process group (every rank) instead of this process alone; ``stamp``: a file to write the sending time to;
     ``batch``: only after that batch index of the epoch (with gradient accumulation several batches share a step);
     ``hold`` seconds of sleep for rank ``hold_rank`` at the end of step ``step``, before it sends and before the stop
-    check (orders a DDP race deterministically)."""
+    check (orders a DDP race deterministically). With ``SIGNAL_AT_OFF=1`` in the environment it never sends: a test
+    runs the same command (the same sweep job folders) again without the signal."""
 
     def __init__(self, step: int, sig: int = signal.SIGTERM, where: str = "train", job: int | None = None,
                  rank: int | None = None, group: bool = False, stamp: str | None = None,
@@ -37,6 +38,8 @@ class SignalAt(pl.Callback):
 
     def _send(self, trainer: pl.Trainer) -> None:
         if self.rank is not None and trainer.global_rank != self.rank:
+            return
+        if os.environ.get("SIGNAL_AT_OFF") == "1":
             return
         if not self.sent and not trainer.ckpt_path and self._this_job():  # never in a resumed run
             self.sent = True

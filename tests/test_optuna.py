@@ -414,7 +414,7 @@ def test_optuna_multirun_starts_without_a_callback_warning(tmp_path, hydra_confi
     cfg = _composed(tmp_path)
     HydraConfig.instance().cfg = None  # as at the start of `python -m segvoc.train hparams_search=optuna`
     callbacks = Callbacks(cfg)
-    assert [type(c).__name__ for c in callbacks.callbacks] == ["SweepSummary", "OptunaStudy"]
+    assert [type(c).__name__ for c in callbacks.callbacks] == ["Preflight", "SweepSummary", "OptunaStudy"]
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         callbacks.on_multirun_start(config=cfg)

@@ -40,8 +40,10 @@ def record_pruned(run_dir: Path, exc: BaseException) -> None:
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
     """The job directories of a sweep, old and new: every folder holding a ``.hydra/`` (also in per-launch
-    subfolders, as Optuna studies use), outside hidden folders such as ``.submitit/``."""
+    subfolders, as Optuna studies use), or the failure record of a job refused before it wrote one, outside hidden
+    folders such as ``.submitit/``."""
     found = {p.parent for p in sweep_dir.rglob(".hydra") if p.is_dir()}
+    found |= {p.parent for name in (FAILED_MARKER, PRUNED_MARKER) for p in sweep_dir.rglob(name)}
     return sorted(d for d in found if d != sweep_dir
                   and not any(part.startswith(".") for part in d.relative_to(sweep_dir).parts))
 
