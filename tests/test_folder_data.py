@@ -297,8 +297,8 @@ def test_a_five_class_folder_dataset_end_to_end_on_the_command_line(tmp_path):
         "trainer.max_epochs=1", "trainer.enable_progress_bar=false", f"hydra.sweep.dir={sweep}",
         f"paths.output_root={tmp_path / 'out'}")
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
-    assert [j.name for j in jobs] == ["0_fcn_baseline_data.image_size=32,seed=1,trainer.max_epochs=1",
-                                      "1_fcn_baseline_data.image_size=32,seed=2,trainer.max_epochs=1"]
+    assert [j.name for j in jobs] == ["0_fcn_baseline_data.image_size-32__seed-1__trainer.max_epochs-1",
+                                      "1_fcn_baseline_data.image_size-32__seed-2__trainer.max_epochs-1"]
     evaluated = run("segvoc.evaluate", f"ckpt={jobs[0]}", f"hydra.run.dir={tmp_path / 'eval'}")
     assert "| dock |" in evaluated.stdout
     run("segvoc.predict", f"ckpt={jobs[0]}", f"input={root / 'images'}", f"output={tmp_path / 'pred'}",

@@ -184,7 +184,7 @@ def test_interrupt_stops_the_whole_sweep(tmp_path, synthetic_root, sig):
     assert r.returncode == 2, r.stderr[-2000:]
     assert "sweep stopped" in r.stderr and "resume=" in r.stderr
     jobs = sorted(p.name for p in (tmp_path / "sw").iterdir() if p.is_dir() and not p.name.startswith("."))
-    assert len(jobs) == 1 and jobs[0].startswith("0_fcn_baseline_") and "loss=ce" in jobs[0]  # the 2nd never started
+    assert len(jobs) == 1 and jobs[0].startswith("0_fcn_baseline_") and "__loss-ce__" in jobs[0]  # 2nd never started
     job = tmp_path / "sw" / jobs[0]
     assert not (job / "FAILED.json").exists() and (job / "checkpoints" / "last.ckpt").is_file()
 

@@ -155,7 +155,7 @@ def test_multirun_sweep_over_losses(tmp_path, synthetic_root):
     assert r.returncode == 0, r.stderr[-3000:]
     runs = sorted(p for p in (out / "multirun").glob("*/*/*") if p.is_dir())
     # each job's folder names what it trains: its overrides but for where and how it runs (data.root, debug, ...)
-    assert [r.name for r in runs] == [f"{k}_fcn_baseline_data.subset=4,loss={loss},trainer.max_epochs=1"
+    assert [r.name for r in runs] == [f"{k}_fcn_baseline_data.subset-4__loss-{loss}__trainer.max_epochs-1"
                                       for k, loss in enumerate(("ce", "weighted_ce"))], runs
     for run, loss, weights in zip(runs, ("ce", "weighted_ce"), ("none", "inverse_frequency"), strict=True):
         stored = OmegaConf.load(run / ".hydra" / "config.yaml")
