@@ -12,6 +12,7 @@ import torch
 from segvoc.config import compose
 from segvoc.engine.builders import load_task
 from segvoc.engine.checkpoint import MOVED_MODULES, read_checkpoint, upgrade_targets
+from tests.helpers import pin_unbeatable_best
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run_0_3"  # loss=focal, fcn_baseline with 2-channel layers
 
@@ -136,13 +137,7 @@ def test_a_0_4_run_resumes(run_0_4, tmp_path):
     (copy / "metrics.json").unlink()
     (copy / "MODEL_CARD.md").unlink()  # both written again by the resumed run (0.4 added RunArtifacts in code)
     last = copy / "checkpoints" / "last.ckpt"
-    ckpt = torch.load(last, weights_only=True)
-    tracking = [v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint{'monitor': 'val/miou'")]
-    assert len(tracking) == 1
-    # a best the resumed epoch cannot beat (Lightning saves by best_k_models, reports best_model_score)
-    tracking[0]["best_model_score"] = torch.tensor(0.999)
-    tracking[0]["best_k_models"] = {path: torch.tensor(0.999) for path in tracking[0]["best_k_models"]}
-    torch.save(ckpt, last)
+    pin_unbeatable_best(last)  # a best the resumed epoch cannot beat
     best = (copy / "checkpoints" / "best.ckpt").read_bytes()
     before = read_checkpoint(last)
     metrics = train(compose([f"resume={copy}", f"paths.output_dir={copy}", f"data.root={data}",

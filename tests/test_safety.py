@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from segvoc.config import REPO_ROOT
+from tests.helpers import pin_unbeatable_best
 
 SMOKE = ["data=synthetic", "debug=smoke", "trainer.max_epochs=1", "data.synthetic.num_train=6",
          "data.synthetic.num_val=6", "data.synthetic.height=32", "data.synthetic.width=32", "data.image_size=32",
@@ -373,13 +374,7 @@ def test_a_moved_run_keeps_its_best_checkpoint_tracking(smoke_cfg, tmp_path):
     first = tmp_path / "first"
     train(smoke_cfg(f"paths.output_dir={first}", "trainer.max_epochs=1", "data.subset=2"))
     last = first / "checkpoints" / "last.ckpt"
-    ckpt = torch.load(last, weights_only=True)
-    tracking = [v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint{'monitor': 'val/miou'")]
-    assert len(tracking) == 1
-    # a best no later epoch of this run can beat (Lightning saves by best_k_models, reports best_model_score)
-    tracking[0]["best_model_score"] = torch.tensor(0.999)
-    tracking[0]["best_k_models"] = {path: torch.tensor(0.999) for path in tracking[0]["best_k_models"]}
-    torch.save(ckpt, last)
+    pin_unbeatable_best(last)  # a best no later epoch of this run can beat
     moved = tmp_path / "moved"
     shutil.move(first, moved)
     best = (moved / "checkpoints" / "best.ckpt").read_bytes()
